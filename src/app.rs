@@ -1,0 +1,164 @@
+//! The application: shared state, the one route table (for `main` and tests), and `run`.
+
+use crate::backend::{memory::MemoryBackend, Backend};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::routes::{events, ops, tasks};
+use actix_web::dev::Service;
+use actix_web::middleware::Logger;
+use actix_web::{web, App, HttpRequest, HttpServer};
+use futures_util::FutureExt;
+use log::info;
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct AppState {
+    pub backend: Backend,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub retry: Duration,
+    pub keep_alive: Duration,
+}
+
+impl AppState {
+    pub fn new(config: &Config) -> AppState {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(
+            config.buffer as usize,
+            config.max_subscribers as usize,
+            metrics.clone(),
+        ));
+        let backend = Backend::Memory(MemoryBackend::new(
+            hub.clone(),
+            config.idempotency_window(),
+            config.idempotency_keys,
+        ));
+        AppState {
+            backend,
+            hub,
+            metrics,
+            retry: config.retry(),
+            keep_alive: config.keep_alive(),
+        }
+    }
+}
+
+/// Every route. A known path with a wrong method answers 405 naming the allowed ones.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/update_task")
+            .route(web::post().to(tasks::update_task))
+            .default_service(web::to(method_not_allowed("POST"))),
+    )
+    .service(
+        web::resource("/tasks")
+            .route(web::get().to(tasks::list_tasks))
+            .default_service(web::to(method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/tasks/{task_id}")
+            .route(web::get().to(tasks::get_task))
+            .route(web::delete().to(tasks::delete_task))
+            .default_service(web::to(method_not_allowed("GET, DELETE"))),
+    )
+    .service(
+        web::resource("/events")
+            .route(web::get().to(events::events))
+            .default_service(web::to(method_not_allowed("GET"))),
+    );
+    for (path, handler) in [
+        ("/healthz", 0),
+        ("/metrics", 1),
+        ("/", 2),
+        ("/app.js", 3),
+        ("/app.css", 4),
+    ] {
+        let route = match handler {
+            0 => web::get().to(ops::healthz),
+            1 => web::get().to(ops::metrics),
+            2 => web::get().to(ops::index),
+            3 => web::get().to(ops::app_js),
+            _ => web::get().to(ops::app_css),
+        };
+        cfg.service(
+            web::resource(path)
+                .route(route)
+                .default_service(web::to(method_not_allowed("GET"))),
+        );
+    }
+}
+
+fn method_not_allowed(
+    allowed: &'static str,
+) -> impl Fn(HttpRequest) -> std::future::Ready<Result<actix_web::HttpResponse, ApiError>> + Clone {
+    move |req: HttpRequest| {
+        std::future::ready(Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allowed,
+        }))
+    }
+}
+
+async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Serves until `shutdown` resolves, then ends every event stream after its last complete frame,
+/// stops accepting, and returns once connections are closed (at most `--shutdown-timeout` later).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> std::io::Result<()> {
+    let state = web::Data::new(AppState::new(&config));
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        let metrics = app_state.metrics.clone();
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(move |req, srv| {
+                let metrics = metrics.clone();
+                srv.call(req).map(move |result| {
+                    if let Ok(response) = &result {
+                        metrics
+                            .http_requests
+                            .with_label_values(&[response.status().as_str()])
+                            .inc();
+                    }
+                    result
+                })
+            })
+            .wrap(Logger::new(r#"%a "%r" %s %b %Dms"#))
+            .configure(routes)
+            .default_service(web::to(not_found))
+    })
+    // A subscriber that goes away only shows as EOF on the read side; without this actix keeps
+    // the idle stream (and its subscription) until a write fails, up to a keep-alive later.
+    // EventSource and curl never half-close, so nothing legitimate is cut.
+    .h1_allow_half_closed(false)
+    .disable_signals()
+    .shutdown_timeout(config.shutdown_timeout)
+    // A reconnect storm of thousands of clients must not overflow the accept queue.
+    .backlog(8192);
+    if let Some(workers) = config.workers {
+        server = server.workers(workers.into());
+    }
+    let server = server.listen(listener)?.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        shutdown.await;
+        state.hub.close();
+        handle.stop(true).await;
+    });
+    server.await?;
+    info!("stopped");
+    Ok(())
+}

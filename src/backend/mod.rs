@@ -1,0 +1,71 @@
+//! The storage seam: handlers talk to `Backend`, never to a concrete store.
+
+pub mod memory;
+
+use crate::event::EventId;
+use crate::hub::Hub;
+use crate::task::{Task, TaskId, TaskPatch};
+use std::sync::Arc;
+
+/// A stored update: what `POST /update_task` answers (again, for a repeated Idempotency-Key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub event_id: EventId,
+    pub task: Task,
+}
+
+/// A consistent snapshot: every task as of `last_event_id` (`None` before the first event).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub last_event_id: Option<EventId>,
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no task with task_id {0}")]
+    NotFound(TaskId),
+}
+
+pub enum Backend {
+    Memory(memory::MemoryBackend),
+}
+
+impl Backend {
+    pub fn hub(&self) -> &Arc<Hub> {
+        match self {
+            Backend::Memory(memory) => memory.hub(),
+        }
+    }
+
+    /// Stores the change and queues its event; never waits for subscribers. A repeated
+    /// `idempotency_key` returns the first answer and publishes nothing.
+    pub fn update(
+        &self,
+        task_id: TaskId,
+        patch: TaskPatch,
+        idempotency_key: Option<String>,
+    ) -> Result<Arc<Accepted>, BackendError> {
+        match self {
+            Backend::Memory(memory) => Ok(memory.update(task_id, patch, idempotency_key)),
+        }
+    }
+
+    pub fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
+        match self {
+            Backend::Memory(memory) => memory.delete(task_id),
+        }
+    }
+
+    pub fn get(&self, task_id: &TaskId) -> Option<Task> {
+        match self {
+            Backend::Memory(memory) => memory.get(task_id),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        match self {
+            Backend::Memory(memory) => memory.snapshot(),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! taskstream: real-time task notifications over Server-Sent Events.
+//!
+//! # Layout
+//!
+//! - [`config`] — flags and `TASKSTREAM_*` variables.
+//! - [`app`] — shared state, the route table, `run` (serve until a shutdown future resolves).
+//! - [`shutdown`] — SIGINT/SIGTERM.
+//! - [`error`] — `ApiError`, the one place statuses and `{"error": ...}` bodies are chosen.
+//! - [`task`] — `TaskId`, `Task`, `TaskPatch`: parsing and limits.
+//! - [`event`] — `EventId`, `Event` with its SSE frame encoded once.
+//! - [`ring`] — the bounded replay buffer.
+//! - [`hub`] — fan-out; replay then live with no gap; lag recovers or resets.
+//! - [`backend`] — the storage seam; [`backend::memory`] is the default.
+//! - [`routes`] — HTTP handlers: tasks, events, ops (healthz, metrics, the board).
+//! - [`metrics`] — Prometheus counters.
+
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod hub;
+pub mod metrics;
+pub mod ring;
+pub mod routes;
+pub mod shutdown;
+pub mod task;

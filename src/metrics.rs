@@ -1,0 +1,87 @@
+//! Counters and gauges, exposed at `/metrics` in the Prometheus text format.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub subscribers: IntGauge,
+    pub events_published: IntCounter,
+    pub events_replayed: IntCounter,
+    pub resets: IntCounter,
+    pub lagged_subscribers: IntCounter,
+    pub rejected_subscribers: IntCounter,
+    pub http_requests: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("taskstream".into()), None)
+            .expect("a fixed, valid metric prefix");
+        // The names and help texts below are constants: registration can only fail on a
+        // duplicate name, which would be a programming error caught by every test.
+        let register = |collector: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        };
+        let subscribers = IntGauge::new("subscribers", "Open event streams").unwrap();
+        let events_published =
+            IntCounter::new("events_published_total", "Events published").unwrap();
+        let events_replayed = IntCounter::new(
+            "events_replayed_total",
+            "Events sent from the replay buffer (resume or catch-up)",
+        )
+        .unwrap();
+        let resets = IntCounter::new("resets_total", "reset events sent to subscribers").unwrap();
+        let lagged_subscribers = IntCounter::new(
+            "lagged_subscribers_total",
+            "Times a subscriber fell behind the live channel and caught up from the buffer or got a reset",
+        )
+        .unwrap();
+        let rejected_subscribers = IntCounter::new(
+            "rejected_subscribers_total",
+            "Subscribers refused by --max-subscribers",
+        )
+        .unwrap();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests answered, by status code",
+            ),
+            &["status"],
+        )
+        .unwrap();
+        register(Box::new(subscribers.clone()));
+        register(Box::new(events_published.clone()));
+        register(Box::new(events_replayed.clone()));
+        register(Box::new(resets.clone()));
+        register(Box::new(lagged_subscribers.clone()));
+        register(Box::new(rejected_subscribers.clone()));
+        register(Box::new(http_requests.clone()));
+        Metrics {
+            registry,
+            subscribers,
+            events_published,
+            events_replayed,
+            resets,
+            lagged_subscribers,
+            rejected_subscribers,
+            http_requests,
+        }
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which the registry refuses.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into memory");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

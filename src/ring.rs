@@ -1,0 +1,161 @@
+//! The bounded event log that replay reads: `since(id)` answers the events after `id`, or why not.
+
+use crate::event::{Event, EventId};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Why a replay cannot be served, sent to the client in the `reset` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// Events after the id have left the buffer.
+    TooOld,
+    /// The id is not one this server issued (another run, another server, the future).
+    Unknown,
+    /// The id is not made of decimal digit groups.
+    Malformed,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::TooOld => "events after last_event_id have left the replay buffer",
+            ResetReason::Unknown => "last_event_id was not issued by this server",
+            ResetReason::Malformed => "last_event_id is malformed",
+        }
+    }
+}
+
+pub struct Ring {
+    events: VecDeque<Arc<Event>>,
+    capacity: usize,
+    /// The id after which the buffer is complete: `START` until the first eviction, then the id
+    /// of the newest evicted event.
+    floor: EventId,
+}
+
+impl Ring {
+    pub fn new(capacity: usize) -> Ring {
+        assert!(capacity > 0, "the ring needs room for at least one event");
+        Ring {
+            events: VecDeque::with_capacity(capacity.min(4096)),
+            capacity,
+            floor: EventId::START,
+        }
+    }
+
+    /// Appends an event. Ids must increase; the oldest event leaves when the buffer is full.
+    pub fn push(&mut self, event: Arc<Event>) {
+        debug_assert!(self.newest().is_none_or(|newest| newest < event.id));
+        if self.events.len() == self.capacity {
+            if let Some(evicted) = self.events.pop_front() {
+                self.floor = evicted.id;
+            }
+        }
+        self.events.push_back(event);
+    }
+
+    pub fn newest(&self) -> Option<EventId> {
+        self.events.back().map(|e| e.id)
+    }
+
+    /// The newest position a client can hold: the newest event, or the floor when there is none.
+    pub fn head(&self) -> EventId {
+        self.newest().unwrap_or(self.floor)
+    }
+
+    /// The events after `id`, oldest first.
+    pub fn since(&self, id: EventId) -> Result<impl Iterator<Item = &Arc<Event>>, ResetReason> {
+        let start = if id == self.floor {
+            0
+        } else {
+            match self.events.binary_search_by(|e| e.id.cmp(&id)) {
+                Ok(index) => index + 1,
+                Err(_) if id < self.floor => return Err(ResetReason::TooOld),
+                Err(_) => return Err(ResetReason::Unknown),
+            }
+        };
+        Ok(self.events.range(start..))
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskId;
+
+    fn event(seq: u64) -> Arc<Event> {
+        Arc::new(Event::deleted(
+            EventId { epoch: 100, seq },
+            TaskId::Number(1),
+        ))
+    }
+
+    fn seqs(ring: &Ring, id: EventId) -> Result<Vec<u64>, ResetReason> {
+        ring.since(id)
+            .map(|events| events.map(|e| e.id.seq).collect())
+    }
+
+    fn id(seq: u64) -> EventId {
+        EventId { epoch: 100, seq }
+    }
+
+    #[test]
+    fn replays_everything_after_a_buffered_id() {
+        let mut ring = Ring::new(4);
+        (1..=3).for_each(|s| ring.push(event(s)));
+        assert_eq!(seqs(&ring, id(1)), Ok(vec![2, 3]));
+        assert_eq!(seqs(&ring, id(3)), Ok(vec![]));
+        assert_eq!(seqs(&ring, EventId::START), Ok(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn keeps_only_the_last_capacity_events() {
+        let mut ring = Ring::new(3);
+        (1..=5).for_each(|s| ring.push(event(s)));
+        assert_eq!(ring.len(), 3);
+        assert_eq!(
+            seqs(&ring, id(2)),
+            Ok(vec![3, 4, 5]),
+            "the newest evicted id is still a valid resume point"
+        );
+        assert_eq!(seqs(&ring, id(1)), Err(ResetReason::TooOld));
+        assert_eq!(seqs(&ring, EventId::START), Err(ResetReason::TooOld));
+    }
+
+    #[test]
+    fn ids_it_never_issued_are_unknown() {
+        let mut ring = Ring::new(3);
+        (1..=2).for_each(|s| ring.push(event(s)));
+        assert_eq!(
+            seqs(&ring, id(9)),
+            Err(ResetReason::Unknown),
+            "from the future"
+        );
+        assert_eq!(
+            seqs(&ring, EventId { epoch: 99, seq: 5 }),
+            Err(ResetReason::Unknown),
+            "an earlier run"
+        );
+        assert_eq!(
+            seqs(&ring, EventId { epoch: 101, seq: 0 }),
+            Err(ResetReason::Unknown),
+            "a later run"
+        );
+    }
+
+    #[test]
+    fn an_empty_ring_answers_start_with_nothing() {
+        let ring = Ring::new(3);
+        assert_eq!(ring.head(), EventId::START);
+        assert_eq!(seqs(&ring, EventId::START), Ok(vec![]));
+        assert_eq!(seqs(&ring, id(1)), Err(ResetReason::Unknown));
+    }
+}

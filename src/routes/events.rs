@@ -1,0 +1,194 @@
+//! `GET /events`: a subscription from the hub as a `text/event-stream` of shared, pre-encoded frames.
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::event::{reset_frame, retry_frame, EventId, KEEP_ALIVE_FRAME};
+use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::task::TaskId;
+use actix_web::body::{BodySize, MessageBody};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use log::info;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::time::{interval_at, Interval, MissedTickBehavior};
+
+pub async fn events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let query = EventsQuery::parse(&req)?;
+    let subscription = state
+        .hub
+        .subscribe(query.resume, query.filter.clone())
+        .map_err(|e| match e {
+            SubscribeError::Full(_) => {
+                state.metrics.rejected_subscribers.inc();
+                ApiError::Unavailable {
+                    message: e.to_string(),
+                    retry_after_secs: spread_retry_after(),
+                }
+            }
+            SubscribeError::Closed => ApiError::Unavailable {
+                message: e.to_string(),
+                retry_after_secs: 1,
+            },
+        })?;
+    let peer = req
+        .peer_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    info!(
+        "subscriber connected: peer={peer} resume={:?} filter={} subscribers={}",
+        query.resume,
+        query.filter.as_ref().map_or(0, |f| f.len()),
+        state.hub.subscriber_count()
+    );
+    let body = EventStream::new(subscription, state.retry, state.keep_alive, peer);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        // Tells nginx-like proxies not to buffer the stream.
+        .insert_header(("x-accel-buffering", "no"))
+        .body(body))
+}
+
+/// Retry-After between 1 and 5 s, spread so refused clients do not all come back at once.
+fn spread_retry_after() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    1 + u64::from(nanos % 5)
+}
+
+struct EventsQuery {
+    resume: Resume,
+    filter: TaskFilter,
+}
+
+impl EventsQuery {
+    fn parse(req: &HttpRequest) -> Result<EventsQuery, ApiError> {
+        let mut query_id = None;
+        let mut filter = HashSet::new();
+        for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
+            match key.as_ref() {
+                "last_event_id" => query_id = Some(value.into_owned()),
+                "task_id" => {
+                    for raw in value.split(',').filter(|s| !s.is_empty()) {
+                        let id = TaskId::parse(raw).map_err(|e| {
+                            ApiError::BadRequest(format!("task_id filter `{raw}`: {e}"))
+                        })?;
+                        filter.insert(id);
+                    }
+                }
+                // Unknown parameters (cache busters, access_token for proxies) are ignored.
+                _ => {}
+            }
+        }
+        // The header, which browsers send by themselves on reconnect, wins over the query.
+        let header_id = req
+            .headers()
+            .get("last-event-id")
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
+        let resume = match header_id.or(query_id).filter(|id| !id.is_empty()) {
+            None => Resume::Live,
+            Some(id) => id
+                .trim()
+                .parse::<EventId>()
+                .map_or(Resume::Malformed, Resume::After),
+        };
+        let filter = (!filter.is_empty()).then(|| Arc::new(filter));
+        Ok(EventsQuery { resume, filter })
+    }
+}
+
+/// The response body. Each event's frame is the hub's shared `Bytes`; only the `retry:` field,
+/// keep-alive comments and a rare `reset` are this connection's own.
+pub struct EventStream {
+    retry: Option<Bytes>,
+    subscription: Subscription,
+    keep_alive: Interval,
+    log: DisconnectLog,
+}
+
+impl EventStream {
+    fn new(
+        subscription: Subscription,
+        retry: Duration,
+        keep_alive: Duration,
+        peer: String,
+    ) -> EventStream {
+        let mut keep_alive = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        EventStream {
+            retry: Some(retry_frame(retry)),
+            subscription,
+            keep_alive,
+            log: DisconnectLog {
+                peer,
+                since: Instant::now(),
+                events: 0,
+            },
+        }
+    }
+}
+
+impl MessageBody for EventStream {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let this = self.get_mut();
+        // The first chunk is ready at once, so the headers go out with it and `onopen` fires
+        // before any event exists.
+        if let Some(retry) = this.retry.take() {
+            return Poll::Ready(Some(Ok(retry)));
+        }
+        match this.subscription.poll_next_unpin(cx) {
+            Poll::Ready(Some(Delivery::Event(event))) => {
+                this.log.events += 1;
+                Poll::Ready(Some(Ok(event.frame.clone())))
+            }
+            Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
+                Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
+            }
+            // The hub closed (shutdown): end after the last complete frame.
+            Poll::Ready(None) => Poll::Ready(None),
+            // A comment on every tick while idle, so the gap between bytes never exceeds the
+            // period; polling only when idle costs a busy stream nothing.
+            Poll::Pending => match this.keep_alive.poll_tick(cx) {
+                Poll::Ready(_) => Poll::Ready(Some(Ok(KEEP_ALIVE_FRAME))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Logs the disconnect when the body is dropped: the client went away or the stream ended.
+struct DisconnectLog {
+    peer: String,
+    since: Instant,
+    events: u64,
+}
+
+impl Drop for DisconnectLog {
+    fn drop(&mut self) {
+        info!(
+            "subscriber disconnected: peer={} events={} after={:.1}s",
+            self.peer,
+            self.events,
+            self.since.elapsed().as_secs_f64()
+        );
+    }
+}

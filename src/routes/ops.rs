@@ -1,0 +1,39 @@
+//! Operations and the page: `/healthz`, `/metrics`, and the task board embedded from `web/dist/`.
+
+use crate::app::AppState;
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}
+
+// The built board is committed, so `cargo build` embeds it with no npm step.
+const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
+const APP_JS: &[u8] = include_bytes!("../../web/dist/app.js");
+const APP_CSS: &[u8] = include_bytes!("../../web/dist/app.css");
+
+pub async fn index() -> HttpResponse {
+    page(INDEX_HTML, "text/html; charset=utf-8")
+}
+
+pub async fn app_js() -> HttpResponse {
+    page(APP_JS, "text/javascript; charset=utf-8")
+}
+
+pub async fn app_css() -> HttpResponse {
+    page(APP_CSS, "text/css; charset=utf-8")
+}
+
+fn page(body: &'static [u8], content_type: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(body)
+}
