@@ -1,0 +1,343 @@
+//! The harness: a real `taskstream` process on a random loopback port, and an SSE reader that
+//! keeps the exact bytes of every frame.
+
+use futures_util::StreamExt;
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any single awaited thing may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub struct TestServer {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+    logs: Arc<Mutex<String>>,
+}
+
+impl TestServer {
+    pub async fn start(args: &[&str]) -> TestServer {
+        Self::start_with_env(args, &[]).await
+    }
+
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_taskstream"))
+            .args(["--bind", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the taskstream binary");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().expect("piped stdout");
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(PATIENCE, first_line)
+            .await
+            .expect("taskstream printed its address in time")
+            .unwrap()
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("taskstream listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; logs:\n{}",
+                    logs.lock().unwrap()
+                )
+            })
+            .to_owned();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(8)
+            .build()
+            .unwrap();
+        TestServer {
+            child,
+            base,
+            client,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// POSTs a JSON body; answers the status and the JSON answer.
+    pub async fn post(&self, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(self.url("/update_task"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Publishes an update that must be accepted; answers its event id.
+    pub async fn update(&self, body: Value) -> String {
+        let (status, answer) = self.post(&body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        answer["event_id"]
+            .as_str()
+            .expect("event_id is a string")
+            .to_owned()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn snapshot(&self) -> Value {
+        let (status, body) = self.get_json("/tasks").await;
+        assert_eq!(status, StatusCode::OK);
+        body
+    }
+
+    /// The value of one unlabelled metric.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls a metric until it has the wanted value: there is no event to await for a gauge.
+    pub async fn wait_for_metric(&self, name: &str, wanted: f64) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let value = self.metric(name).await;
+            if value == wanted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} stayed at {value}, wanted {wanted}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn subscribe(&self, path: &str) -> SseStream {
+        self.subscribe_with(path, &[]).await
+    }
+
+    pub async fn subscribe_with(&self, path: &str, headers: &[(&str, &str)]) -> SseStream {
+        let mut request = self.client.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = tokio::time::timeout(PATIENCE, request.send())
+            .await
+            .expect("stream headers in time")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        SseStream::new(response)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "taskstream still running after {within:?}; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Resident memory of the server process, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc status");
+        kib * 1024
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One SSE frame as received: the exact text and its parsed fields.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    pub raw: String,
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: Option<String>,
+    pub retry: Option<String>,
+    pub comments: Vec<String>,
+    /// When the frame was complete, to check keep-alive timing.
+    pub at: Option<Instant>,
+}
+
+impl Frame {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.data.as_deref().expect("a data field")).expect("data is JSON")
+    }
+
+    pub fn is_event(&self) -> bool {
+        self.data.is_some()
+    }
+
+    fn parse(raw: String) -> Frame {
+        let mut frame = Frame {
+            at: Some(Instant::now()),
+            ..Frame::default()
+        };
+        for line in raw.lines() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
+            match field {
+                "" => frame.comments.push(value),
+                "id" => frame.id = Some(value),
+                "event" => frame.event = Some(value),
+                "retry" => frame.retry = Some(value),
+                "data" => {
+                    assert!(frame.data.is_none(), "data must stay one line: {raw:?}");
+                    frame.data = Some(value);
+                }
+                other => panic!("unexpected field {other:?} in {raw:?}"),
+            }
+        }
+        frame.raw = raw;
+        frame
+    }
+}
+
+pub struct SseStream {
+    pub headers: HeaderMap,
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: Vec<u8>,
+    /// Set once the server ended the body cleanly (the chunked terminator arrived).
+    pub ended: bool,
+}
+
+impl SseStream {
+    pub fn new(response: reqwest::Response) -> SseStream {
+        SseStream {
+            headers: response.headers().clone(),
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The next frame (event, comment or retry), or `None` when the server ended the stream.
+    pub async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                assert!(!raw.contains(&b'\r'), "frames use LF only: {raw:?}");
+                return Some(Frame::parse(String::from_utf8(raw).expect("UTF-8 frame")));
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next())
+                .await
+                .expect("a frame in time")
+            {
+                Some(chunk) => self
+                    .buffer
+                    .extend_from_slice(&chunk.expect("the stream continues cleanly")),
+                None => {
+                    assert!(
+                        self.buffer.is_empty(),
+                        "the stream ended inside a frame: {:?}",
+                        String::from_utf8_lossy(&self.buffer)
+                    );
+                    self.ended = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next frame that carries data, skipping `retry:` and keep-alive comments.
+    pub async fn next_event(&mut self) -> Frame {
+        loop {
+            let frame = self.next_frame().await.expect("the stream is still open");
+            if frame.is_event() {
+                return frame;
+            }
+        }
+    }
+
+    pub async fn events(&mut self, count: usize) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(count);
+        for _ in 0..count {
+            frames.push(self.next_event().await);
+        }
+        frames
+    }
+}
+
+/// A body that is big enough to make the stream's bytes add up fast.
+pub fn padded(task_id: u64, seq: u64, pad: usize) -> Value {
+    json!({"task_id": task_id, "data": {"seq": seq, "pad": "x".repeat(pad)}})
+}
+
+/// Event ids are opaque strings of digit groups; compare them group by group.
+pub fn id_key(id: &str) -> Vec<u64> {
+    id.split('-')
+        .map(|g| g.parse().expect("decimal digit group"))
+        .collect()
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: each starts a real `taskstream` on a random loopback port and speaks HTTP.
+
+mod errors;
+mod events;
+mod helpers;
+mod limits;
+mod resume;
+mod shutdown;
+mod slow;
+mod tasks;
