@@ -1,5 +1,6 @@
 //! `ApiError`: every failure at the HTTP edge, mapped to its status and `{"error": ...}` in one place.
 
+use crate::backend::BackendError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 
@@ -51,5 +52,17 @@ impl ResponseError for ApiError {
             _ => {}
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(error: BackendError) -> ApiError {
+        match error {
+            BackendError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            BackendError::Unavailable(_) => ApiError::Unavailable {
+                message: error.to_string(),
+                retry_after_secs: 1,
+            },
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The storage seam: handlers talk to `Backend`, never to a concrete store.
+//! The storage seam: handlers talk to `Backend`, never to a concrete store. Methods are async
+//! because a networked store answers over the network; the memory backend answers at once.
 
 pub mod memory;
 
@@ -25,6 +26,9 @@ pub struct Snapshot {
 pub enum BackendError {
     #[error("no task with task_id {0}")]
     NotFound(TaskId),
+    /// The store cannot be reached; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub enum Backend {
@@ -40,7 +44,7 @@ impl Backend {
 
     /// Stores the change and queues its event; never waits for subscribers. A repeated
     /// `idempotency_key` returns the first answer and publishes nothing.
-    pub fn update(
+    pub async fn update(
         &self,
         task_id: TaskId,
         patch: TaskPatch,
@@ -51,21 +55,21 @@ impl Backend {
         }
     }
 
-    pub fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
+    pub async fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
         match self {
             Backend::Memory(memory) => memory.delete(task_id),
         }
     }
 
-    pub fn get(&self, task_id: &TaskId) -> Option<Task> {
+    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
         match self {
-            Backend::Memory(memory) => memory.get(task_id),
+            Backend::Memory(memory) => Ok(memory.get(task_id)),
         }
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub async fn snapshot(&self) -> Result<Snapshot, BackendError> {
         match self {
-            Backend::Memory(memory) => memory.snapshot(),
+            Backend::Memory(memory) => Ok(memory.snapshot()),
         }
     }
 }

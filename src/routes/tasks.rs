@@ -25,15 +25,15 @@ pub async fn update_task(
     let accepted = state
         .backend
         .update(task_id, patch, idempotency_key)
-        .map_err(backend_error)?;
+        .await?;
     Ok(HttpResponse::Accepted()
         .json(json!({ "event_id": accepted.event_id, "task": accepted.task })))
 }
 
-pub async fn list_tasks(state: web::Data<AppState>) -> HttpResponse {
-    let snapshot = state.backend.snapshot();
-    HttpResponse::Ok()
-        .json(json!({ "last_event_id": snapshot.last_event_id, "tasks": snapshot.tasks }))
+pub async fn list_tasks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let snapshot = state.backend.snapshot().await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({ "last_event_id": snapshot.last_event_id, "tasks": snapshot.tasks })))
 }
 
 pub async fn get_task(
@@ -41,9 +41,9 @@ pub async fn get_task(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = path_task_id(&path)?;
-    match state.backend.get(&task_id) {
+    match state.backend.get(&task_id).await? {
         Some(task) => Ok(HttpResponse::Ok().json(task)),
-        None => Err(backend_error(BackendError::NotFound(task_id))),
+        None => Err(BackendError::NotFound(task_id).into()),
     }
 }
 
@@ -51,21 +51,12 @@ pub async fn delete_task(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id = state
-        .backend
-        .delete(path_task_id(&path)?)
-        .map_err(backend_error)?;
+    let event_id = state.backend.delete(path_task_id(&path)?).await?;
     Ok(HttpResponse::Accepted().json(json!({ "event_id": event_id })))
 }
 
 fn path_task_id(raw: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-fn backend_error(error: BackendError) -> ApiError {
-    match error {
-        BackendError::NotFound(_) => ApiError::NotFound(error.to_string()),
-    }
 }
 
 fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
