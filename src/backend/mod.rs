@@ -4,7 +4,7 @@
 pub mod memory;
 
 use crate::event::EventId;
-use crate::hub::Hub;
+use crate::hub::{Hub, Resume, SubscribeError, Subscription, TaskFilter};
 use crate::task::{Task, TaskId, TaskPatch};
 use std::sync::Arc;
 
@@ -58,6 +58,17 @@ impl Backend {
     pub async fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
         match self {
             Backend::Memory(memory) => memory.delete(task_id),
+        }
+    }
+
+    /// Starts a subscription for any transport: replay after `resume`, then live, no gap.
+    pub async fn subscribe(
+        &self,
+        resume: Resume,
+        filter: TaskFilter,
+    ) -> Result<Subscription, SubscribeError> {
+        match self {
+            Backend::Memory(memory) => memory.hub().subscribe(resume, filter),
         }
     }
 

@@ -25,8 +25,9 @@ pub async fn events(
 ) -> Result<HttpResponse, ApiError> {
     let query = EventsQuery::parse(&req)?;
     let subscription = state
-        .hub
+        .backend
         .subscribe(query.resume, query.filter.clone())
+        .await
         .map_err(|e| match e {
             SubscribeError::Full(_) => {
                 state.metrics.rejected_subscribers.inc();
