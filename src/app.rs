@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::routes::{events, ops, tasks};
+use crate::routes::{events, ops, tasks, ws};
 use actix_web::dev::Service;
 use actix_web::middleware::Logger;
 use actix_web::{web, App, HttpRequest, HttpServer};
@@ -49,47 +49,32 @@ impl AppState {
 
 /// Every route. A known path with a wrong method answers 405 naming the allowed ones.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/update_task")
-            .route(web::post().to(tasks::update_task))
-            .default_service(web::to(method_not_allowed("POST"))),
-    )
-    .service(
-        web::resource("/tasks")
-            .route(web::get().to(tasks::list_tasks))
-            .default_service(web::to(method_not_allowed("GET"))),
-    )
+    cfg.service(only(
+        "/update_task",
+        "POST",
+        web::post().to(tasks::update_task),
+    ))
+    .service(only("/tasks", "GET", web::get().to(tasks::list_tasks)))
     .service(
         web::resource("/tasks/{task_id}")
             .route(web::get().to(tasks::get_task))
             .route(web::delete().to(tasks::delete_task))
             .default_service(web::to(method_not_allowed("GET, DELETE"))),
     )
-    .service(
-        web::resource("/events")
-            .route(web::get().to(events::events))
-            .default_service(web::to(method_not_allowed("GET"))),
-    );
-    for (path, handler) in [
-        ("/healthz", 0),
-        ("/metrics", 1),
-        ("/", 2),
-        ("/app.js", 3),
-        ("/app.css", 4),
-    ] {
-        let route = match handler {
-            0 => web::get().to(ops::healthz),
-            1 => web::get().to(ops::metrics),
-            2 => web::get().to(ops::index),
-            3 => web::get().to(ops::app_js),
-            _ => web::get().to(ops::app_css),
-        };
-        cfg.service(
-            web::resource(path)
-                .route(route)
-                .default_service(web::to(method_not_allowed("GET"))),
-        );
-    }
+    .service(only("/events", "GET", web::get().to(events::events)))
+    .service(only("/ws", "GET", web::get().to(ws::ws)))
+    .service(only("/healthz", "GET", web::get().to(ops::healthz)))
+    .service(only("/metrics", "GET", web::get().to(ops::metrics)))
+    .service(only("/", "GET", web::get().to(ops::index)))
+    .service(only("/app.js", "GET", web::get().to(ops::app_js)))
+    .service(only("/app.css", "GET", web::get().to(ops::app_css)));
+}
+
+/// A path served by one method.
+fn only(path: &str, allowed: &'static str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(web::to(method_not_allowed(allowed)))
 }
 
 fn method_not_allowed(

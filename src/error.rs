@@ -1,6 +1,7 @@
 //! `ApiError`: every failure at the HTTP edge, mapped to its status and `{"error": ...}` in one place.
 
 use crate::backend::BackendError;
+use crate::hub::SubscribeError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 
@@ -65,4 +66,25 @@ impl From<BackendError> for ApiError {
             },
         }
     }
+}
+
+impl From<SubscribeError> for ApiError {
+    fn from(error: SubscribeError) -> ApiError {
+        let retry_after_secs = match error {
+            SubscribeError::Full(_) => spread_retry_after(),
+            SubscribeError::Closed => 1,
+        };
+        ApiError::Unavailable {
+            message: error.to_string(),
+            retry_after_secs,
+        }
+    }
+}
+
+/// Retry-After between 1 and 5 s, spread so refused clients do not all come back at once.
+fn spread_retry_after() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    1 + u64::from(nanos % 5)
 }

@@ -2,8 +2,10 @@
 
 use crate::task::{Task, TaskId};
 use bytes::Bytes;
+use bytestring::ByteString;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 /// An event id: two decimal groups `<epoch>-<seq>`, compared group by group.
 ///
@@ -86,6 +88,9 @@ pub struct Event {
     pub frame: Bytes,
     /// The `data` JSON, a slice of `frame` (no second copy), for transports that frame it their own way.
     pub data: Bytes,
+    /// The WebSocket message, built by the first WebSocket subscriber that needs it and shared by
+    /// all the others; events nobody reads over WebSocket never pay for it.
+    ws_message: OnceLock<ByteString>,
 }
 
 impl Event {
@@ -119,7 +124,20 @@ impl Event {
             kind,
             frame,
             data,
+            ws_message: OnceLock::new(),
         }
+    }
+
+    /// `{"type":"event","id":ID,"event":KIND,"data":DATA}`, encoded once per event.
+    pub fn ws_message(&self) -> ByteString {
+        self.ws_message
+            .get_or_init(|| {
+                // `data` is serde_json's output, so it is valid UTF-8 and valid JSON.
+                let data = std::str::from_utf8(&self.data).expect("event data is UTF-8");
+                let (id, kind) = (self.id, self.kind.name());
+                format!(r#"{{"type":"event","id":"{id}","event":"{kind}","data":{data}}}"#).into()
+            })
+            .clone()
     }
 }
 
@@ -160,6 +178,18 @@ pub fn retry_frame(retry: std::time::Duration) -> Bytes {
         .into_bytestring()
         .expect("retry always encodes")
         .into_bytes()
+}
+
+/// The WebSocket form of a `reset`: the same fields as an event message, so clients handle both alike.
+pub fn reset_ws_message(newest: EventId, reason: &str) -> ByteString {
+    serde_json::json!({
+        "type": "reset",
+        "id": newest,
+        "event": "reset",
+        "data": {"event": "reset", "last_event_id": newest, "reason": reason},
+    })
+    .to_string()
+    .into()
 }
 
 pub const KEEP_ALIVE_FRAME: Bytes = Bytes::from_static(b": keep-alive\n\n");
@@ -243,6 +273,25 @@ mod tests {
         assert_eq!(text.matches('\n').count(), 4, "{text}");
         assert!(!text.contains('\r'));
         assert!(text.ends_with("}\n\n"));
+    }
+
+    #[test]
+    fn the_websocket_message_wraps_the_same_data_and_is_built_once() {
+        let event = Event::updated(EventId { epoch: 5, seq: 7 }, &task(r#"{"task_id": 101}"#));
+        let message = event.ws_message();
+        let parsed: serde_json::Value = serde_json::from_str(&message).unwrap();
+        assert_eq!(parsed["type"], "event");
+        assert_eq!(parsed["id"], "5-7");
+        assert_eq!(parsed["event"], "task_updated");
+        assert_eq!(
+            parsed["data"],
+            serde_json::from_slice::<serde_json::Value>(&event.data).unwrap()
+        );
+        assert_eq!(
+            event.ws_message().as_bytes().as_ptr(),
+            message.as_bytes().as_ptr(),
+            "shared, not rebuilt"
+        );
     }
 
     #[test]

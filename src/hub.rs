@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+use tokio_util::sync::CancellationToken;
 
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,17 @@ pub enum Resume {
     /// The client sent an id that cannot be parsed: it gets a `reset`, never an error status,
     /// because a browser's EventSource gives up for good on one.
     Malformed,
+}
+
+impl Resume {
+    /// What a client's `Last-Event-ID` (header, query or message field) asks for: absent or
+    /// empty is live only, anything unparseable gets a `reset`.
+    pub fn from_client(last_event_id: Option<&str>) -> Resume {
+        match last_event_id.map(str::trim).filter(|id| !id.is_empty()) {
+            None => Resume::Live,
+            Some(id) => id.parse().map_or(Resume::Malformed, Resume::After),
+        }
+    }
 }
 
 /// Only these tasks' events reach the subscriber; `None` means all tasks.
@@ -42,6 +54,9 @@ pub struct Hub {
     subscribers: AtomicUsize,
     max_subscribers: usize,
     metrics: Arc<Metrics>,
+    /// Cancelled by `close`, for connections that wait on something other than a subscription
+    /// (a WebSocket client that has not subscribed yet).
+    closing: CancellationToken,
 }
 
 struct Inner {
@@ -63,6 +78,7 @@ impl Hub {
             subscribers: AtomicUsize::new(0),
             max_subscribers,
             metrics,
+            closing: CancellationToken::new(),
         }
     }
 
@@ -103,6 +119,7 @@ impl Hub {
         // From here on, dropping `slot` gives the place back, on every early return too.
         let slot = SubscriberSlot { hub: self.clone() };
         if count > self.max_subscribers {
+            self.metrics.rejected_subscribers.inc();
             return Err(SubscribeError::Full(self.max_subscribers));
         }
         let inner = self.lock();
@@ -120,7 +137,6 @@ impl Hub {
             },
         }
         drop(inner);
-        self.metrics.subscribers.inc();
         Ok(Subscription {
             hub: self.clone(),
             live,
@@ -135,6 +151,20 @@ impl Hub {
     /// Ends every live stream (after the frames already queued) and refuses new subscribers.
     pub fn close(&self) {
         self.lock().sender = None;
+        self.closing.cancel();
+    }
+
+    /// Cancelled when the hub closes.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.subscriber_count() >= self.max_subscribers
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -229,12 +259,6 @@ impl Stream for Subscription {
                 Some(Err(BroadcastStreamRecvError::Lagged(_))) => this.catch_up(),
             }
         }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.hub.metrics.subscribers.dec();
     }
 }
 

@@ -5,6 +5,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, T
 pub struct Metrics {
     registry: Registry,
     pub subscribers: IntGauge,
+    pub ws_clients: IntGauge,
     pub events_published: IntCounter,
     pub events_replayed: IntCounter,
     pub resets: IntCounter,
@@ -24,7 +25,10 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         };
-        let subscribers = IntGauge::new("subscribers", "Open event streams").unwrap();
+        let subscribers =
+            IntGauge::new("subscribers", "Open SSE event streams (GET /events)").unwrap();
+        let ws_clients =
+            IntGauge::new("ws_clients", "Open WebSocket connections (GET /ws)").unwrap();
         let events_published =
             IntCounter::new("events_published_total", "Events published").unwrap();
         let events_replayed = IntCounter::new(
@@ -52,6 +56,7 @@ impl Metrics {
         )
         .unwrap();
         register(Box::new(subscribers.clone()));
+        register(Box::new(ws_clients.clone()));
         register(Box::new(events_published.clone()));
         register(Box::new(events_replayed.clone()));
         register(Box::new(resets.clone()));
@@ -61,6 +66,7 @@ impl Metrics {
         Metrics {
             registry,
             subscribers,
+            ws_clients,
             events_published,
             events_replayed,
             resets,

@@ -31,6 +31,16 @@ pub enum BackendError {
     Unavailable(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
+pub struct InvalidIdempotencyKey;
+
+/// Validates an idempotency key, from the HTTP header or a WebSocket message alike.
+pub fn idempotency_key(raw: &str) -> Result<String, InvalidIdempotencyKey> {
+    let valid = (1..=255).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
+    valid.then(|| raw.to_owned()).ok_or(InvalidIdempotencyKey)
+}
+
 pub enum Backend {
     Memory(memory::MemoryBackend),
 }

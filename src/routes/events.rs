@@ -2,21 +2,21 @@
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::event::{reset_frame, retry_frame, EventId, KEEP_ALIVE_FRAME};
-use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::event::{reset_frame, retry_frame, KEEP_ALIVE_FRAME};
+use crate::hub::{Delivery, Resume, Subscription, TaskFilter};
+use crate::routes::connection::{peer, ConnectionLog};
 use crate::task::TaskId;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use log::info;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 
 pub async fn events(
@@ -27,44 +27,24 @@ pub async fn events(
     let subscription = state
         .backend
         .subscribe(query.resume, query.filter.clone())
-        .await
-        .map_err(|e| match e {
-            SubscribeError::Full(_) => {
-                state.metrics.rejected_subscribers.inc();
-                ApiError::Unavailable {
-                    message: e.to_string(),
-                    retry_after_secs: spread_retry_after(),
-                }
-            }
-            SubscribeError::Closed => ApiError::Unavailable {
-                message: e.to_string(),
-                retry_after_secs: 1,
-            },
-        })?;
-    let peer = req
-        .peer_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-    info!(
-        "subscriber connected: peer={peer} resume={:?} filter={} subscribers={}",
-        query.resume,
-        query.filter.as_ref().map_or(0, |f| f.len()),
-        state.hub.subscriber_count()
+        .await?;
+    let log = ConnectionLog::open(
+        "subscriber",
+        peer(&req),
+        state.metrics.subscribers.clone(),
+        format_args!(
+            "resume={:?} filter={}",
+            query.resume,
+            query.filter.as_ref().map_or(0, |f| f.len())
+        ),
     );
-    let body = EventStream::new(subscription, state.retry, state.keep_alive, peer);
+    let body = EventStream::new(subscription, state.retry, state.keep_alive, log);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         // Tells nginx-like proxies not to buffer the stream.
         .insert_header(("x-accel-buffering", "no"))
         .body(body))
-}
-
-/// Retry-After between 1 and 5 s, spread so refused clients do not all come back at once.
-fn spread_retry_after() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    1 + u64::from(nanos % 5)
 }
 
 struct EventsQuery {
@@ -96,13 +76,7 @@ impl EventsQuery {
             .headers()
             .get("last-event-id")
             .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
-        let resume = match header_id.or(query_id).filter(|id| !id.is_empty()) {
-            None => Resume::Live,
-            Some(id) => id
-                .trim()
-                .parse::<EventId>()
-                .map_or(Resume::Malformed, Resume::After),
-        };
+        let resume = Resume::from_client(header_id.or(query_id).as_deref());
         let filter = (!filter.is_empty()).then(|| Arc::new(filter));
         Ok(EventsQuery { resume, filter })
     }
@@ -114,7 +88,7 @@ pub struct EventStream {
     retry: Option<Bytes>,
     subscription: Subscription,
     keep_alive: Interval,
-    log: DisconnectLog,
+    log: ConnectionLog,
 }
 
 impl EventStream {
@@ -122,7 +96,7 @@ impl EventStream {
         subscription: Subscription,
         retry: Duration,
         keep_alive: Duration,
-        peer: String,
+        log: ConnectionLog,
     ) -> EventStream {
         let mut keep_alive = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -130,11 +104,7 @@ impl EventStream {
             retry: Some(retry_frame(retry)),
             subscription,
             keep_alive,
-            log: DisconnectLog {
-                peer,
-                since: Instant::now(),
-                events: 0,
-            },
+            log,
         }
     }
 }
@@ -173,23 +143,5 @@ impl MessageBody for EventStream {
                 Poll::Pending => Poll::Pending,
             },
         }
-    }
-}
-
-/// Logs the disconnect when the body is dropped: the client went away or the stream ended.
-struct DisconnectLog {
-    peer: String,
-    since: Instant,
-    events: u64,
-}
-
-impl Drop for DisconnectLog {
-    fn drop(&mut self) {
-        info!(
-            "subscriber disconnected: peer={} events={} after={:.1}s",
-            self.peer,
-            self.events,
-            self.since.elapsed().as_secs_f64()
-        );
     }
 }

@@ -1,5 +1,7 @@
 //! HTTP handlers, one file per area; the route table itself is `app::routes`.
 
+pub mod connection;
 pub mod events;
 pub mod ops;
 pub mod tasks;
+pub mod ws;

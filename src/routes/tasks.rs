@@ -1,7 +1,7 @@
 //! Task endpoints: `POST /update_task`, `GET /tasks`, `GET|DELETE /tasks/{task_id}`.
 
 use crate::app::AppState;
-use crate::backend::BackendError;
+use crate::backend::{idempotency_key, BackendError};
 use crate::error::ApiError;
 use crate::task::{TaskId, TaskPatch};
 use actix_web::error::PayloadError;
@@ -19,7 +19,7 @@ pub async fn update_task(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let idempotency_key = idempotency_key(&req)?;
+    let idempotency_key = idempotency_key_header(&req)?;
     let body = read_json_body(&req, payload).await?;
     let (task_id, patch) = TaskPatch::parse(&body).map_err(|e| ApiError::BadRequest(e.0))?;
     let accepted = state
@@ -59,18 +59,14 @@ fn path_task_id(raw: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+fn idempotency_key_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     let Some(value) = req.headers().get("idempotency-key") else {
         return Ok(None);
     };
-    let valid =
-        |key: &&str| (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
-    match value.to_str() {
-        Ok(key) if valid(&key) => Ok(Some(key.to_owned())),
-        _ => Err(ApiError::BadRequest(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-        )),
-    }
+    let raw = value.to_str().unwrap_or("");
+    idempotency_key(raw)
+        .map(Some)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 /// Reads at most `MAX_BODY_BYTES`, then insists on a JSON content type.

@@ -341,3 +341,88 @@ pub fn id_key(id: &str) -> Vec<u64> {
         .map(|g| g.parse().expect("decimal digit group"))
         .collect()
 }
+
+/// A real WebSocket client on `/ws`.
+pub struct WsClient {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    /// Pings seen so far (tungstenite answers them by itself while we read).
+    pub pings: usize,
+}
+
+/// What the server sent: a JSON message, or the close frame's code and reason.
+#[derive(Debug)]
+pub enum WsReceived {
+    Json(Value),
+    Closed(Option<(u16, String)>),
+}
+
+impl WsClient {
+    pub async fn connect(server: &TestServer) -> WsClient {
+        let url = server.url("/ws").replacen("http://", "ws://", 1);
+        let (socket, response) =
+            tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+                .await
+                .expect("WebSocket handshake in time")
+                .expect("WebSocket handshake");
+        assert_eq!(response.status(), 101);
+        WsClient { socket, pings: 0 }
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        use futures_util::SinkExt;
+        self.send_raw(tokio_tungstenite::tungstenite::Message::Text(
+            message.to_string().into(),
+        ))
+        .await;
+        let _ = &mut self.socket.flush().await;
+    }
+
+    pub async fn send_raw(&mut self, message: tokio_tungstenite::tungstenite::Message) {
+        use futures_util::SinkExt;
+        self.socket
+            .send(message)
+            .await
+            .expect("send on the WebSocket");
+    }
+
+    pub async fn receive(&mut self) -> WsReceived {
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.socket.next())
+                .await
+                .expect("a WebSocket message in time");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return WsReceived::Json(serde_json::from_str(&text).expect("JSON text"))
+                }
+                Some(Ok(Message::Ping(_))) => self.pings += 1,
+                Some(Ok(Message::Close(frame))) => {
+                    return WsReceived::Closed(
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                    )
+                }
+                Some(Ok(other)) => panic!("unexpected WebSocket message {other:?}"),
+                Some(Err(_)) | None => return WsReceived::Closed(None),
+            }
+        }
+    }
+
+    /// The next JSON message; fails the test if the connection closes instead.
+    pub async fn json(&mut self) -> Value {
+        match self.receive().await {
+            WsReceived::Json(value) => value,
+            WsReceived::Closed(frame) => panic!("connection closed: {frame:?}"),
+        }
+    }
+
+    /// Reads until the server closes; answers the close code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            if let WsReceived::Closed(frame) = self.receive().await {
+                return frame.map(|(code, _)| code);
+            }
+        }
+    }
+}

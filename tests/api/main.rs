@@ -8,3 +8,4 @@ mod resume;
 mod shutdown;
 mod slow;
 mod tasks;
+mod ws;

@@ -1,0 +1,293 @@
+//! `GET /ws`: the same hub, replay and filter as `/events`, plus publishing, over one WebSocket.
+
+use crate::app::AppState;
+use crate::backend::idempotency_key;
+use crate::error::ApiError;
+use crate::event::reset_ws_message;
+use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::routes::connection::{peer, ConnectionLog};
+use crate::routes::tasks::MAX_BODY_BYTES;
+use crate::task::{TaskId, TaskPatch};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use bytestring::ByteString;
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::time::{interval_at, MissedTickBehavior};
+
+/// Frames above this are refused by the codec (the connection closes with 1009); messages above
+/// `MAX_BODY_BYTES` but below it get an `error` message and the connection stays open, like a
+/// `413` on `POST /update_task`.
+const MAX_FRAME_BYTES: usize = 2 * MAX_BODY_BYTES;
+
+pub async fn ws(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (response, session, messages) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::BadRequest(format!("GET /ws needs a WebSocket upgrade: {e}")))?;
+    let messages = messages
+        .max_frame_size(MAX_FRAME_BYTES)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_FRAME_BYTES);
+    let log = ConnectionLog::open(
+        "websocket client",
+        peer(&req),
+        state.metrics.ws_clients.clone(),
+        format_args!(""),
+    );
+    let connection = Connection {
+        state: state.into_inner(),
+        session,
+        subscription: None,
+        unanswered_pings: 0,
+        log,
+    };
+    actix_web::rt::spawn(connection.run(messages));
+    Ok(response)
+}
+
+struct Connection {
+    state: Arc<AppState>,
+    session: Session,
+    subscription: Option<Subscription>,
+    unanswered_pings: u32,
+    log: ConnectionLog,
+}
+
+/// The connection cannot go on: close it with this reason (`None`: the client is already gone).
+struct Stop(Option<CloseReason>);
+
+fn close(code: CloseCode, description: &str) -> Stop {
+    Stop(Some(CloseReason {
+        code,
+        description: Some(description.to_owned()),
+    }))
+}
+
+impl Connection {
+    async fn run(mut self, mut messages: AggregatedMessageStream) {
+        let keep_alive = self.state.keep_alive;
+        let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let closing = self.state.hub.closing();
+        let stop = if self.state.hub.is_full() {
+            close(CloseCode::Again, "too many subscribers")
+        } else {
+            loop {
+                let step = tokio::select! {
+                    _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                    message = messages.next() => self.on_message(message).await,
+                    delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                    _ = ping.tick() => self.on_ping_tick().await,
+                };
+                if let Err(stop) = step {
+                    break stop;
+                }
+            }
+        };
+        // Free the hub place before the close handshake, which a dead client never finishes.
+        self.subscription = None;
+        if let Stop(Some(reason)) = stop {
+            let _ = tokio::time::timeout(keep_alive, self.session.close(Some(reason))).await;
+        }
+    }
+
+    /// Sends one message, bounded in time: a client that stops reading fills its queue, and is
+    /// then treated like one that stopped answering pings.
+    async fn send(&mut self, message: ByteString) -> Result<(), Stop> {
+        match tokio::time::timeout(2 * self.state.keep_alive, self.session.text(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(Stop(None)),
+            Err(_elapsed) => Err(close(CloseCode::Policy, "client is not reading")),
+        }
+    }
+
+    async fn send_error(&mut self, request_id: Value, error: impl ToString) -> Result<(), Stop> {
+        let message =
+            json!({"type": "error", "request_id": request_id, "error": error.to_string()});
+        self.send(message.to_string().into()).await
+    }
+
+    async fn on_ping_tick(&mut self) -> Result<(), Stop> {
+        if self.unanswered_pings >= 2 {
+            return Err(close(CloseCode::Error, "no pong to two pings"));
+        }
+        self.unanswered_pings += 1;
+        match tokio::time::timeout(self.state.keep_alive, self.session.ping(b"")).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(Stop(None)),
+            Err(_elapsed) => Err(close(CloseCode::Policy, "client is not reading")),
+        }
+    }
+
+    async fn on_delivery(&mut self, delivery: Option<Delivery>) -> Result<(), Stop> {
+        match delivery {
+            Some(Delivery::Event(event)) => {
+                self.log.events += 1;
+                self.send(event.ws_message()).await
+            }
+            Some(Delivery::Reset { newest, reason }) => {
+                self.send(reset_ws_message(newest, reason.as_str())).await
+            }
+            // The hub closed: the server is shutting down.
+            None => Err(close(CloseCode::Away, "server shutting down")),
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        message: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+    ) -> Result<(), Stop> {
+        match message {
+            None => Err(Stop(None)),
+            Some(Err(actix_ws::ProtocolError::Overflow)) => {
+                Err(close(CloseCode::Size, "message too large"))
+            }
+            Some(Err(e)) => Err(close(CloseCode::Protocol, &e.to_string())),
+            Some(Ok(AggregatedMessage::Text(text))) => self.on_text(&text).await,
+            Some(Ok(AggregatedMessage::Binary(_))) => {
+                self.send_error(
+                    Value::Null,
+                    "binary messages are not supported; send JSON text",
+                )
+                .await
+            }
+            Some(Ok(AggregatedMessage::Ping(payload))) => {
+                self.session.pong(&payload).await.map_err(|_| Stop(None))
+            }
+            Some(Ok(AggregatedMessage::Pong(_))) => {
+                self.unanswered_pings = 0;
+                Ok(())
+            }
+            Some(Ok(AggregatedMessage::Close(reason))) => Err(Stop(reason)),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Stop> {
+        if text.len() > MAX_BODY_BYTES {
+            let error = format!("message is larger than {MAX_BODY_BYTES} bytes");
+            return self.send_error(Value::Null, error).await;
+        }
+        let mut fields = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(_) => {
+                return self
+                    .send_error(Value::Null, "a message must be a JSON object")
+                    .await
+            }
+            Err(e) => {
+                return self
+                    .send_error(Value::Null, format!("message is not valid JSON: {e}"))
+                    .await
+            }
+        };
+        let request_id = fields.remove("request_id").unwrap_or(Value::Null);
+        match fields.remove("type").as_ref().and_then(Value::as_str) {
+            Some("subscribe") => self.on_subscribe(request_id, fields).await,
+            Some("update_task") => self.on_update(request_id, fields).await,
+            Some(other) => {
+                let error =
+                    format!("unknown message type `{other}`; expected subscribe or update_task");
+                self.send_error(request_id, error).await
+            }
+            None => {
+                self.send_error(request_id, "type is required: subscribe or update_task")
+                    .await
+            }
+        }
+    }
+
+    /// Starts, or restarts, delivery with the same replay, reset and filter rules as `/events`.
+    async fn on_subscribe(
+        &mut self,
+        request_id: Value,
+        mut fields: Map<String, Value>,
+    ) -> Result<(), Stop> {
+        let filter = match parse_task_ids(fields.remove("task_ids")) {
+            Ok(filter) => filter,
+            Err(error) => return self.send_error(request_id, error).await,
+        };
+        let resume = match fields.remove("last_event_id") {
+            None | Some(Value::Null) => Resume::Live,
+            Some(Value::String(id)) => Resume::from_client(Some(&id)),
+            Some(_) => Resume::Malformed,
+        };
+        if let Some(unknown) = fields.keys().next() {
+            let error =
+                format!("unknown field `{unknown}` in subscribe; allowed: task_ids, last_event_id");
+            return self.send_error(request_id, error).await;
+        }
+        // The old subscription's place is given back before the new one takes one.
+        self.subscription = None;
+        match self.state.backend.subscribe(resume, filter).await {
+            Ok(subscription) => {
+                self.subscription = Some(subscription);
+                Ok(())
+            }
+            Err(SubscribeError::Full(_)) => Err(close(CloseCode::Again, "too many subscribers")),
+            Err(SubscribeError::Closed) => Err(close(CloseCode::Away, "server shutting down")),
+        }
+    }
+
+    /// Publishes exactly like `POST /update_task`: the same validation, limits and idempotency.
+    async fn on_update(
+        &mut self,
+        request_id: Value,
+        mut fields: Map<String, Value>,
+    ) -> Result<(), Stop> {
+        let key = match fields.remove("idempotency_key") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(key)) => idempotency_key(&key).map(Some),
+            Some(_) => idempotency_key("").map(Some),
+        };
+        let outcome = match key {
+            Err(e) => Err(ApiError::BadRequest(e.to_string())),
+            Ok(key) => match TaskPatch::from_fields(fields) {
+                Err(e) => Err(ApiError::BadRequest(e.0)),
+                Ok((task_id, patch)) => self
+                    .state
+                    .backend
+                    .update(task_id, patch, key)
+                    .await
+                    .map_err(ApiError::from),
+            },
+        };
+        match outcome {
+            Ok(accepted) => {
+                let ack = json!({
+                    "type": "ack",
+                    "request_id": request_id,
+                    "event_id": accepted.event_id,
+                    "task": accepted.task,
+                });
+                self.send(ack.to_string().into()).await
+            }
+            Err(error) => self.send_error(request_id, error).await,
+        }
+    }
+}
+
+async fn next_delivery(subscription: &mut Option<Subscription>) -> Option<Delivery> {
+    match subscription {
+        Some(subscription) => subscription.next().await,
+        // Nothing is delivered before the client subscribes.
+        None => std::future::pending().await,
+    }
+}
+
+fn parse_task_ids(value: Option<Value>) -> Result<TaskFilter, String> {
+    let ids = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(ids)) => ids,
+        Some(_) => return Err("task_ids must be an array of task ids".into()),
+    };
+    let filter = ids
+        .iter()
+        .map(|id| TaskId::from_json(id).map_err(|e| format!("task_ids: {id}: {e}")))
+        .collect::<Result<HashSet<_>, _>>()?;
+    Ok((!filter.is_empty()).then(|| Arc::new(filter)))
+}
