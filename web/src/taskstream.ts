@@ -1,0 +1,690 @@
+/**
+ * RxJS client for taskstream: the `/events` Server-Sent Events stream as a
+ * cold Observable ({@link fromEventSource}), its connection state for a status
+ * badge ({@link connectionState}), the state of every task kept consistent with
+ * a snapshot plus the stream ({@link taskBoard}), and a typed
+ * `POST /update_task` ({@link updateTask}).
+ *
+ * It depends on nothing but RxJS 7 and the browser's `EventSource` and
+ * `fetch` (both injectable, for tests and for other runtimes).
+ *
+ * @packageDocumentation
+ */
+import { BehaviorSubject, Observable, Subject, Subscription, distinctUntilChanged, shareReplay } from 'rxjs';
+
+// ---------------------------------------------------------------------------
+// Types
+
+/** A task as the server stores it (see SPEC.md, "Tasks"). */
+export interface Task {
+  /** A positive integer or a string of `[A-Za-z0-9_.:-]`; `101` and `"101"` are the same task. */
+  task_id: number | string;
+  status?: string;
+  title?: string;
+  assignee?: string | null;
+  data?: Record<string, unknown>;
+  /** Starts at 1, +1 on every update. */
+  version: number;
+  /** RFC 3339, UTC. */
+  updated_at?: string;
+}
+
+/** The fields `POST /update_task` accepts: `task_id` plus any field to replace. */
+export interface TaskPatch {
+  task_id: number | string;
+  status?: string;
+  title?: string;
+  assignee?: string | null;
+  data?: Record<string, unknown>;
+}
+
+/** The `data` of a `task_updated` event: the whole task after the change, plus `event`. */
+export interface TaskUpdatedData extends Task {
+  event: 'task_updated';
+}
+
+/** The `data` of a `task_deleted` event. */
+export interface TaskDeletedData {
+  event: 'task_deleted';
+  task_id: number | string;
+}
+
+/** The `data` of a `reset` event: the client missed events and must reload `GET /tasks`. */
+export interface ResetData {
+  event: 'reset';
+  reason: string;
+  last_event_id: string;
+}
+
+/** One event as it came off the stream. */
+export interface ServerEvent<T = unknown> {
+  /** The SSE `id:` field; opaque, never compare it except for equality. */
+  id: string;
+  /** The SSE `event:` field (`message` for unnamed events). */
+  type: string;
+  /** The SSE `data:` field, parsed as JSON. */
+  data: T;
+}
+
+/** Any event the taskstream server sends. */
+export type TaskEvent =
+  | ServerEvent<TaskUpdatedData> & { type: 'task_updated' }
+  | ServerEvent<TaskDeletedData> & { type: 'task_deleted' }
+  | ServerEvent<ResetData> & { type: 'reset' };
+
+/**
+ * The state of a connection, for a status badge:
+ * - `connecting`: the first attempt, not open yet;
+ * - `open`: the stream is open (events may or may not be flowing);
+ * - `reconnecting`: it was lost (or refused) and is being retried;
+ * - `closed`: nobody is subscribed, or the stream failed for good.
+ */
+export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+/** Where state changes are reported: a Subject, a {@link ConnectionStateTracker}, or any `{ next }`. */
+export interface ConnectionStateSink {
+  next(state: ConnectionState): void;
+}
+
+/** Backoff between the reconnects the wrapper makes itself. */
+export interface BackoffOptions {
+  /** Delay before the first retry, ms. Default 500. */
+  initialDelayMs?: number;
+  /** Upper bound of the delay, ms. Default 30000. */
+  maxDelayMs?: number;
+  /** Growth per failed attempt. Default 2. */
+  factor?: number;
+}
+
+/** Options shared by {@link fromEventSource} and {@link taskBoard}. */
+export interface ConnectionOptions {
+  /** A JWT, sent as the `access_token` query parameter (EventSource cannot set headers) and as `Authorization: Bearer` on `fetch`. */
+  accessToken?: string;
+  /** Passed to `EventSource` (and `credentials: 'include'` to `fetch`): send cookies cross-origin. */
+  withCredentials?: boolean;
+  /** Only these tasks' events (the `task_id` query parameter, repeated). */
+  taskIds?: ReadonlyArray<number | string>;
+  /** Retry policy for reconnects the wrapper makes itself. */
+  backoff?: BackoffOptions;
+  /** How long the status probe after a failed connection may take, ms. Default 3000. */
+  probeTimeoutMs?: number;
+  /** The `EventSource` constructor to use. Default `globalThis.EventSource`. */
+  EventSource?: EventSourceConstructor;
+  /** The `fetch` to use. Default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** Random numbers in [0, 1) for the jitter. Default `Math.random`. */
+  random?: () => number;
+}
+
+/** Options of {@link fromEventSource}. */
+export interface EventSourceOptions extends ConnectionOptions {
+  /** Resume after this event id (the `last_event_id` query parameter). */
+  lastEventId?: string;
+  /** The named event types to listen to. Default `task_updated`, `task_deleted`, `reset`. Unnamed events are always delivered as `message`. */
+  eventTypes?: ReadonlyArray<string>;
+  /** Told every connection state change of this subscription. */
+  state?: ConnectionStateSink;
+}
+
+/** The parts of the `EventSource` constructor this library uses. */
+export interface EventSourceConstructor {
+  new (url: string, init?: { withCredentials?: boolean }): EventSourceLike;
+  readonly CLOSED: number;
+}
+
+/** The parts of an `EventSource` this library uses. */
+export interface EventSourceLike {
+  readonly readyState: number;
+  onopen: ((this: any, ev: Event) => any) | null;
+  onerror: ((this: any, ev: Event) => any) | null;
+  onmessage: ((this: any, ev: MessageEvent) => any) | null;
+  addEventListener(type: string, listener: (ev: MessageEvent) => void): void;
+  close(): void;
+}
+
+/** The error an Observable of this library fails with, when retrying cannot help. */
+export class TaskstreamError extends Error {
+  /** The HTTP status that made it final, if one did. */
+  readonly status: number | undefined;
+  constructor(message: string, status?: number) {
+    super(message);
+    this.name = 'TaskstreamError';
+    this.status = status;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/** The key a task is stored under: `101` and `"101"` are the same task. */
+export function taskKey(taskId: number | string): string {
+  return String(taskId);
+}
+
+const DEFAULT_EVENT_TYPES = ['task_updated', 'task_deleted', 'reset'] as const;
+
+/** Adds query parameters to `url` (absolute or relative), keeping those it has. */
+function withQuery(url: string, params: ReadonlyArray<[string, string]>): string {
+  if (params.length === 0) return url;
+  const hashAt = url.indexOf('#');
+  const base = hashAt < 0 ? url : url.slice(0, hashAt);
+  const hash = hashAt < 0 ? '' : url.slice(hashAt);
+  const query = params.map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v)}`).join('&');
+  return `${base}${base.includes('?') ? '&' : '?'}${query}${hash}`;
+}
+
+function connectionParams(options: ConnectionOptions): Array<[string, string]> {
+  const params: Array<[string, string]> = [];
+  if (options.accessToken) params.push(['access_token', options.accessToken]);
+  for (const id of options.taskIds ?? []) params.push(['task_id', taskKey(id)]);
+  return params;
+}
+
+/** The `n`th retry delay (n from 0), with full-range jitter in [delay/2, delay). */
+export function backoffDelay(attempt: number, backoff: BackoffOptions = {}, random: () => number = Math.random): number {
+  const initial = backoff.initialDelayMs ?? 500;
+  const max = backoff.maxDelayMs ?? 30_000;
+  const factor = backoff.factor ?? 2;
+  const delay = Math.min(max, initial * Math.pow(factor, Math.min(attempt, 30)));
+  // Jitter spreads the reconnects of many clients after a restart, so they
+  // don't all knock at once; never below half the delay, so backoff still grows.
+  return Math.round(delay * (0.5 + random() * 0.5));
+}
+
+/**
+ * Whether a status means "retrying the same request cannot help".
+ * 408 and 429 are transient by definition; any other 4xx means the request
+ * itself (token, permission, URL) is wrong.
+ */
+function isFinalStatus(status: number): boolean {
+  return status >= 400 && status < 500 && status !== 408 && status !== 429;
+}
+
+/** Reads `{"error": "..."}` out of an error answer, or a short text. */
+async function errorText(res: Response): Promise<string> {
+  try {
+    const text = await res.text();
+    try {
+      const body: unknown = JSON.parse(text);
+      if (body && typeof body === 'object' && typeof (body as { error?: unknown }).error === 'string') {
+        return (body as { error: string }).error;
+      }
+    } catch {
+      // not JSON: fall through to the raw text
+    }
+    return text.slice(0, 200) || res.statusText;
+  } catch {
+    return res.statusText;
+  }
+}
+
+/** What a probe of a stream URL found. */
+type ProbeResult =
+  | { kind: 'retry'; minDelayMs: number; why: string }
+  | { kind: 'final'; error: TaskstreamError };
+
+/**
+ * `EventSource` hides the status of a failed connection, so ask again with
+ * `fetch` and a short timeout, and drop the body at once (a 200 would be a
+ * live stream).
+ */
+async function probe(url: string, options: ConnectionOptions): Promise<ProbeResult> {
+  const doFetch = options.fetch ?? globalThis.fetch;
+  if (!doFetch) return { kind: 'retry', minDelayMs: 0, why: 'no fetch to probe with' };
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), options.probeTimeoutMs ?? 3000);
+  try {
+    const res = await doFetch(url, {
+      headers: { Accept: 'text/event-stream' },
+      credentials: options.withCredentials ? 'include' : 'same-origin',
+      cache: 'no-store',
+      signal: controller.signal,
+    });
+    if (res.ok) {
+      const type = res.headers.get('content-type') ?? '';
+      controller.abort();
+      if (!type.startsWith('text/event-stream')) {
+        return { kind: 'final', error: new TaskstreamError(`${url} is not an event stream (Content-Type: ${type || 'none'})`, res.status) };
+      }
+      return { kind: 'retry', minDelayMs: 0, why: 'the stream answers again' };
+    }
+    const message = await errorText(res);
+    if (isFinalStatus(res.status)) {
+      return { kind: 'final', error: new TaskstreamError(`event stream refused with ${res.status}: ${message}`, res.status) };
+    }
+    // Retry-After (seconds) comes with 503 from --max-subscribers: honour it.
+    const retryAfter = Number(res.headers.get('retry-after'));
+    const minDelayMs = Number.isFinite(retryAfter) && retryAfter > 0 ? Math.min(retryAfter, 60) * 1000 : 0;
+    return { kind: 'retry', minDelayMs, why: `${res.status}: ${message}` };
+  } catch (err) {
+    // Network error, timeout or CORS: the server may be restarting.
+    return { kind: 'retry', minDelayMs: 0, why: err instanceof Error ? err.message : String(err) };
+  } finally {
+    clearTimeout(timer);
+    controller.abort();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// fromEventSource
+
+/**
+ * A cold Observable of the events of an SSE endpoint.
+ *
+ * Each subscription opens one `EventSource` on `url` (plus `access_token`,
+ * `task_id` and `last_event_id` query parameters from `options`);
+ * unsubscribing closes it. It listens to the named event types
+ * (`task_updated`, `task_deleted`, `reset` by default — named events never
+ * reach `onmessage`), parses each `data` as JSON and delivers
+ * `{id, type, data}`.
+ *
+ * While the browser reconnects by itself (network errors, the server ending
+ * the stream) it sends `Last-Event-ID` and this Observable just reports
+ * `reconnecting`. A browser gives up for good on any non-200 answer; then this
+ * wrapper probes the URL with `fetch` to learn the status and, unless
+ * retrying cannot help, opens a new `EventSource` with jittered exponential
+ * backoff and the last id it saw as `last_event_id`. It errors with a
+ * {@link TaskstreamError} only on 4xx answers (401, 403, 404, ...; not 408 or
+ * 429), a 200 that is not an event stream, and unparseable data.
+ *
+ * @example
+ * ```ts
+ * fromEventSource<TaskUpdatedData>('/events', { taskIds: [101] })
+ *   .subscribe(ev => console.log(ev.id, ev.type, ev.data.status));
+ * ```
+ */
+export function fromEventSource<T = unknown>(url: string, options: EventSourceOptions = {}): Observable<ServerEvent<T>> {
+  return new Observable<ServerEvent<T>>((subscriber) => {
+    const ES = options.EventSource ?? (globalThis.EventSource as unknown as EventSourceConstructor | undefined);
+    if (!ES) {
+      subscriber.error(new TaskstreamError('EventSource is not available in this runtime; pass options.EventSource'));
+      return;
+    }
+    const random = options.random ?? Math.random;
+    const types = options.eventTypes ?? DEFAULT_EVENT_TYPES;
+    let lastEventId = options.lastEventId;
+    let source: EventSourceLike | undefined;
+    let attempt = 0;
+    let everOpened = false;
+    let retryTimer: ReturnType<typeof setTimeout> | undefined;
+    let done = false;
+    let lastState: ConnectionState | undefined;
+
+    const report = (state: ConnectionState) => {
+      if (state === lastState) return;
+      lastState = state;
+      options.state?.next(state);
+    };
+
+    const streamUrl = () => {
+      const params = connectionParams(options);
+      if (lastEventId !== undefined) params.push(['last_event_id', lastEventId]);
+      return withQuery(url, params);
+    };
+
+    const closeSource = () => {
+      if (!source) return;
+      source.onopen = source.onerror = source.onmessage = null;
+      source.close();
+      source = undefined;
+    };
+
+    const fail = (error: TaskstreamError) => {
+      if (done) return;
+      done = true;
+      closeSource();
+      report('closed');
+      subscriber.error(error);
+    };
+
+    const deliver = (type: string, ev: MessageEvent) => {
+      if (done) return;
+      // The browser keeps lastEventId across events without an id: field.
+      const id = ev.lastEventId ?? '';
+      if (id) lastEventId = id;
+      let data: unknown;
+      try {
+        data = JSON.parse(ev.data as string);
+      } catch {
+        fail(new TaskstreamError(`unparseable data in ${type} event ${id || '(no id)'}: ${String(ev.data).slice(0, 100)}`));
+        return;
+      }
+      subscriber.next({ id, type, data: data as T });
+    };
+
+    const connect = () => {
+      retryTimer = undefined;
+      report(everOpened || attempt > 0 ? 'reconnecting' : 'connecting');
+      const es = new ES(streamUrl(), options.withCredentials ? { withCredentials: true } : undefined);
+      source = es;
+      es.onopen = () => {
+        attempt = 0;
+        everOpened = true;
+        report('open');
+      };
+      es.onmessage = (ev) => deliver('message', ev);
+      for (const type of types) es.addEventListener(type, (ev) => deliver(type, ev));
+      es.onerror = () => {
+        if (done || source !== es) return;
+        if (es.readyState !== ES.CLOSED) {
+          // The browser retries by itself, sending Last-Event-ID.
+          report('reconnecting');
+          return;
+        }
+        // The browser gave up (a non-200 answer, or a wrong Content-Type).
+        const failedUrl = streamUrl();
+        closeSource();
+        report('reconnecting');
+        void probe(failedUrl, options).then((result) => {
+          if (done) return;
+          if (result.kind === 'final') {
+            fail(result.error);
+            return;
+          }
+          const delay = Math.max(result.minDelayMs, backoffDelay(attempt, options.backoff, random));
+          attempt += 1;
+          retryTimer = setTimeout(connect, delay);
+        });
+      };
+    };
+
+    connect();
+
+    return () => {
+      done = true;
+      if (retryTimer !== undefined) clearTimeout(retryTimer);
+      closeSource();
+      report('closed');
+    };
+  });
+}
+
+// ---------------------------------------------------------------------------
+// connectionState
+
+/** A {@link ConnectionStateSink} that is also an Observable of the state, for a badge. */
+export interface ConnectionStateTracker extends ConnectionStateSink {
+  /** The current state and every change after it (replays the current one on subscribe). */
+  readonly state$: Observable<ConnectionState>;
+  /** The current state. */
+  readonly value: ConnectionState;
+}
+
+/**
+ * A connection state as its own Observable: pass it as `options.state` to
+ * {@link fromEventSource} and subscribe the badge to `state$`.
+ *
+ * @example
+ * ```ts
+ * const conn = connectionState();
+ * conn.state$.subscribe(s => (badge.textContent = s));
+ * fromEventSource('/events', { state: conn }).subscribe(render);
+ * ```
+ */
+export function connectionState(initial: ConnectionState = 'closed'): ConnectionStateTracker {
+  const subject = new BehaviorSubject<ConnectionState>(initial);
+  const state$ = subject.pipe(distinctUntilChanged());
+  return {
+    state$,
+    get value() {
+      return subject.value;
+    },
+    next(state: ConnectionState) {
+      subject.next(state);
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+function fetchInit(options: ConnectionOptions, init: RequestInit = {}): RequestInit {
+  const headers = new Headers(init.headers);
+  if (options.accessToken) headers.set('Authorization', `Bearer ${options.accessToken}`);
+  return { ...init, headers, credentials: options.withCredentials ? 'include' : 'same-origin', cache: 'no-store' };
+}
+
+function joinUrl(baseUrl: string, path: string): string {
+  return baseUrl.replace(/\/+$/, '') + path;
+}
+
+/** The answer of `GET /tasks`. */
+export interface Snapshot {
+  last_event_id: string | null;
+  tasks: Task[];
+}
+
+/** What a request failure means: retry later, or give up with this error. */
+class RetryableError extends Error {}
+
+async function loadSnapshot(baseUrl: string, options: ConnectionOptions): Promise<Snapshot> {
+  const doFetch = options.fetch ?? globalThis.fetch;
+  let res: Response;
+  try {
+    res = await doFetch(joinUrl(baseUrl, '/tasks'), fetchInit(options));
+  } catch (err) {
+    throw new RetryableError(`GET /tasks failed: ${err instanceof Error ? err.message : String(err)}`);
+  }
+  if (!res.ok) {
+    const message = `GET /tasks answered ${res.status}: ${await errorText(res)}`;
+    if (isFinalStatus(res.status)) throw new TaskstreamError(message, res.status);
+    throw new RetryableError(message);
+  }
+  let body: unknown;
+  try {
+    body = await res.json();
+  } catch {
+    throw new TaskstreamError('GET /tasks did not answer JSON');
+  }
+  const snap = body as Partial<Snapshot> | null;
+  if (!snap || !Array.isArray(snap.tasks)) throw new TaskstreamError('GET /tasks answered without a tasks array');
+  return { last_event_id: snap.last_event_id ?? null, tasks: snap.tasks };
+}
+
+/** The answer of `POST /update_task`. */
+export interface UpdateResult {
+  event_id: string;
+  task: Task;
+}
+
+/**
+ * `POST /update_task` (`Content-Type: application/json`). Resolves with the
+ * server's answer; rejects with a {@link TaskstreamError} carrying the
+ * server's `error` message and status.
+ */
+export async function updateTask(
+  baseUrl: string,
+  patch: TaskPatch,
+  options: Pick<ConnectionOptions, 'accessToken' | 'withCredentials' | 'fetch'> & { idempotencyKey?: string } = {},
+): Promise<UpdateResult> {
+  const doFetch = options.fetch ?? globalThis.fetch;
+  const headers: Record<string, string> = { 'Content-Type': 'application/json' };
+  if (options.idempotencyKey) headers['Idempotency-Key'] = options.idempotencyKey;
+  const res = await doFetch(
+    joinUrl(baseUrl, '/update_task'),
+    fetchInit(options, { method: 'POST', headers, body: JSON.stringify(patch) }),
+  );
+  if (!res.ok) throw new TaskstreamError(`update_task answered ${res.status}: ${await errorText(res)}`, res.status);
+  return (await res.json()) as UpdateResult;
+}
+
+// ---------------------------------------------------------------------------
+// taskBoard
+
+/** What changed in the last {@link BoardState} emission. */
+export type BoardChange =
+  | { kind: 'snapshot' }
+  | { kind: 'updated'; key: string; task: Task }
+  | { kind: 'deleted'; key: string };
+
+/** The state of all tasks, as {@link taskBoard} emits it. */
+export interface BoardState {
+  /** Every task, keyed by {@link taskKey}; a new Map on every emission. */
+  readonly tasks: ReadonlyMap<string, Task>;
+  /** The id of the last event applied (or of the snapshot). */
+  readonly lastEventId: string | null;
+  /** What this emission changed. */
+  readonly change: BoardChange;
+}
+
+/**
+ * The state of all tasks, as a shared Observable, plus the connection state
+ * and raw events of the one connection behind it.
+ */
+export interface TaskBoard extends Observable<BoardState> {
+  /** The connection state of the board's stream (`closed` while nobody subscribes). */
+  readonly state$: Observable<ConnectionState>;
+  /** Every event the board receives, as it arrives (only while the board is subscribed). */
+  readonly events$: Observable<ServerEvent>;
+}
+
+function stripEvent(data: TaskUpdatedData): Task {
+  const { event: _event, ...task } = data;
+  return task;
+}
+
+/**
+ * The state of all tasks as an Observable.
+ *
+ * It loads `GET /tasks`, subscribes to `/events` from the snapshot's
+ * `last_event_id` (`0`, "from the start", when it is null) so that nothing
+ * falls between snapshot and stream, and applies events in order: a
+ * `task_updated` older than or as old as the task's current version is ignored;
+ * on `reset` it reloads the snapshot and resubscribes from the new id.
+ * A failed snapshot load is retried like the stream; 4xx answers are final.
+ *
+ * The result is shared (`shareReplay` with `refCount`): any number of UI
+ * consumers use one connection, the last one to unsubscribe closes it, and
+ * a late subscriber gets the current state at once.
+ *
+ * @example
+ * ```ts
+ * const board = taskBoard('', { accessToken });
+ * board.subscribe(({ tasks }) => render([...tasks.values()]));
+ * board.state$.subscribe(s => (badge.textContent = s));
+ * ```
+ */
+export function taskBoard(baseUrl: string, options: ConnectionOptions = {}): TaskBoard {
+  const state = connectionState('closed');
+  const events = new Subject<ServerEvent>();
+  const random = options.random ?? Math.random;
+  const filter = options.taskIds ? new Set(options.taskIds.map(taskKey)) : undefined;
+
+  const source = new Observable<BoardState>((subscriber) => {
+    let tasks = new Map<string, Task>();
+    let lastEventId: string | null = null;
+    let stream: Subscription | undefined;
+    let retryTimer: ReturnType<typeof setTimeout> | undefined;
+    let done = false;
+    let attempt = 0;
+    let loadedOnce = false;
+
+    const emit = (change: BoardChange) => subscriber.next({ tasks, lastEventId, change });
+
+    const fail = (err: unknown) => {
+      if (done) return;
+      done = true;
+      stream?.unsubscribe();
+      state.next('closed');
+      subscriber.error(err);
+    };
+
+    const apply = (ev: ServerEvent) => {
+      if (ev.type === 'task_updated') {
+        const task = stripEvent(ev.data as TaskUpdatedData);
+        const key = taskKey(task.task_id);
+        lastEventId = ev.id || lastEventId;
+        const current = tasks.get(key);
+        if ((current && current.version >= task.version) || (filter && !filter.has(key))) return;
+        tasks = new Map(tasks).set(key, task);
+        emit({ kind: 'updated', key, task });
+      } else if (ev.type === 'task_deleted') {
+        const key = taskKey((ev.data as TaskDeletedData).task_id);
+        lastEventId = ev.id || lastEventId;
+        if (!tasks.has(key)) return;
+        tasks = new Map(tasks);
+        tasks.delete(key);
+        emit({ kind: 'deleted', key });
+      }
+    };
+
+    const load = () => {
+      retryTimer = undefined;
+      state.next(loadedOnce || attempt > 0 ? 'reconnecting' : 'connecting');
+      loadSnapshot(baseUrl, options).then(
+        (snap) => {
+          if (done) return;
+          attempt = 0;
+          loadedOnce = true;
+          const next = new Map<string, Task>();
+          for (const task of snap.tasks) {
+            const key = taskKey(task.task_id);
+            if (!filter || filter.has(key)) next.set(key, task);
+          }
+          tasks = next;
+          lastEventId = snap.last_event_id;
+          emit({ kind: 'snapshot' });
+          subscribeFrom(snap.last_event_id ?? '0');
+        },
+        (err: unknown) => {
+          if (done) return;
+          if (!(err instanceof RetryableError)) {
+            fail(err);
+            return;
+          }
+          retryTimer = setTimeout(load, backoffDelay(attempt, options.backoff, random));
+          attempt += 1;
+        },
+      );
+    };
+
+    // The inner stream's own 'closed' (on reset or teardown) is not the
+    // board's: the board reports that itself. And a new stream after a reset
+    // is a reconnect as far as a badge is concerned.
+    let wasOpen = false;
+    const innerState: ConnectionStateSink = {
+      next: (s) => {
+        if (s === 'closed') return;
+        if (s === 'open') wasOpen = true;
+        state.next(s === 'connecting' && wasOpen ? 'reconnecting' : s);
+      },
+    };
+
+    const subscribeFrom = (from: string) => {
+      // Created before subscribing, so that a reset delivered synchronously
+      // can still unsubscribe it.
+      const sub = new Subscription();
+      stream = sub;
+      sub.add(
+        fromEventSource(joinUrl(baseUrl, '/events'), { ...options, lastEventId: from, state: innerState }).subscribe({
+          next: (ev) => {
+            events.next(ev);
+            if (ev.type === 'reset') {
+              // Missed events: this stream is useless now; reload, then
+              // resubscribe from the new snapshot's id.
+              sub.unsubscribe();
+              if (stream === sub) stream = undefined;
+              load();
+              return;
+            }
+            apply(ev);
+          },
+          error: fail,
+          // The stream itself never completes.
+        }),
+      );
+    };
+
+    load();
+
+    return () => {
+      done = true;
+      if (retryTimer !== undefined) clearTimeout(retryTimer);
+      stream?.unsubscribe();
+      state.next('closed');
+    };
+  });
+
+  const shared = source.pipe(shareReplay({ bufferSize: 1, refCount: true }));
+  return Object.assign(shared, { state$: state.state$, events$: events.asObservable() });
+}

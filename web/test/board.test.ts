@@ -1,0 +1,196 @@
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { type BoardState, type ConnectionState, type ServerEvent, type Task, TaskstreamError, taskBoard, updateTask } from '../src/taskstream';
+import { FakeEventSource, fakeFetch, json, networkError } from './fakes';
+
+const ES = FakeEventSource as unknown as never;
+
+beforeEach(() => {
+  FakeEventSource.reset();
+  vi.useFakeTimers();
+});
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+const task = (task_id: number | string, version: number, extra: Partial<Task> = {}): Task => ({ task_id, version, ...extra });
+const updated = (t: Task) => ({ event: 'task_updated', ...t });
+
+function watch(board: ReturnType<typeof taskBoard>) {
+  const states: BoardState[] = [];
+  let error: unknown;
+  const sub = board.subscribe({ next: (s) => states.push(s), error: (e) => (error = e) });
+  const view = () => Object.fromEntries([...(states.at(-1)?.tasks ?? new Map()).entries()].map(([k, t]) => [k, t.version]));
+  return { states, sub, view, error: () => error };
+}
+
+describe('taskBoard', () => {
+  it('loads the snapshot, then subscribes from its last_event_id', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '41', tasks: [task(101, 3), task('abc', 1)] }) });
+    const { states, sub, view } = watch(taskBoard('http://h:1/', { EventSource: ES, fetch }));
+    await vi.advanceTimersByTimeAsync(0);
+    expect(String(fetch.mock.calls[0]![0])).toBe('http://h:1/tasks');
+    expect(view()).toEqual({ '101': 3, abc: 1 });
+    expect(states[0]!.change).toEqual({ kind: 'snapshot' });
+    expect(states[0]!.lastEventId).toBe('41');
+    const es = FakeEventSource.last;
+    expect(es.url.startsWith('http://h:1/events?')).toBe(true);
+    expect(es.params.get('last_event_id')).toBe('41');
+    sub.unsubscribe();
+  });
+
+  it('subscribes from "0" when no event was published yet', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: null, tasks: [] }) });
+    const { sub } = watch(taskBoard('', { EventSource: ES, fetch }));
+    await vi.advanceTimersByTimeAsync(0);
+    expect(FakeEventSource.last.params.get('last_event_id')).toBe('0');
+    sub.unsubscribe();
+  });
+
+  it('applies events in order, ignores older or equal versions, handles deletes, and keys 101 like "101"', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '10', tasks: [task(101, 3, { status: 'todo' })] }) });
+    const { states, sub, view } = watch(taskBoard('', { EventSource: ES, fetch }));
+    await vi.advanceTimersByTimeAsync(0);
+    const es = FakeEventSource.last;
+    es.open();
+    es.emit('task_updated', '11', updated(task(101, 2, { status: 'stale' }))); // older: ignored
+    es.emit('task_updated', '12', updated(task('101', 3, { status: 'dup' }))); // same version: ignored
+    es.emit('task_updated', '13', updated(task(101, 4, { status: 'doing' })));
+    es.emit('task_updated', '14', updated(task('x', 1)));
+    es.emit('task_deleted', '15', { event: 'task_deleted', task_id: 'x' });
+    es.emit('task_deleted', '16', { event: 'task_deleted', task_id: 'never' }); // unknown: no emission
+    expect(view()).toEqual({ '101': 4 });
+    expect(states.map((s) => s.change.kind)).toEqual(['snapshot', 'updated', 'updated', 'deleted']);
+    const last = states.at(-1)!;
+    expect(last.lastEventId).toBe('15'); // 16 changed nothing, so emitted nothing
+    expect(states[1]!.tasks.get('101')).toEqual({ task_id: 101, version: 4, status: 'doing' }); // no "event" field
+    // every emission is a new Map: consumers can compare by reference
+    expect(states[0]!.tasks).not.toBe(states[1]!.tasks);
+    sub.unsubscribe();
+  });
+
+  it('on reset, reloads the snapshot and resubscribes from the new id', async () => {
+    const fetch = fakeFetch({
+      '/tasks': [
+        () => json(200, { last_event_id: '5', tasks: [task(1, 1), task(2, 1)] }),
+        () => json(200, { last_event_id: '90', tasks: [task(1, 7)] }),
+      ],
+    });
+    const board = taskBoard('', { EventSource: ES, fetch });
+    const raw: ServerEvent[] = [];
+    board.events$.subscribe((e) => raw.push(e));
+    const { sub, view } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    const first = FakeEventSource.last;
+    first.open();
+    first.emit('reset', '88', { event: 'reset', reason: 'buffer', last_event_id: '88' });
+    expect(first.closed).toBe(true);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(fetch).toHaveBeenCalledTimes(2);
+    expect(view()).toEqual({ '1': 7 });
+    expect(FakeEventSource.instances).toHaveLength(2);
+    expect(FakeEventSource.last.params.get('last_event_id')).toBe('90');
+    expect(raw.map((e) => e.type)).toEqual(['reset']);
+    sub.unsubscribe();
+  });
+
+  it('is shared: many subscribers, one snapshot load and one EventSource; the last unsubscribe closes it', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [task(1, 1)] }) });
+    const board = taskBoard('', { EventSource: ES, fetch });
+    const a = watch(board);
+    const b = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    FakeEventSource.last.emit('task_updated', '2', updated(task(1, 2)));
+    const c = watch(board); // late: gets the current state at once
+    expect(c.view()).toEqual({ '1': 2 });
+    expect(fetch).toHaveBeenCalledTimes(1);
+    expect(FakeEventSource.instances).toHaveLength(1);
+    expect(a.view()).toEqual(b.view());
+    a.sub.unsubscribe();
+    b.sub.unsubscribe();
+    expect(FakeEventSource.last.closed).toBe(false);
+    c.sub.unsubscribe();
+    expect(FakeEventSource.last.closed).toBe(true);
+  });
+
+  it('reports the connection state of its one stream', async () => {
+    const fetch = fakeFetch({
+      '/tasks': [() => json(200, { last_event_id: '1', tasks: [] }), () => json(200, { last_event_id: '3', tasks: [] })],
+    });
+    const board = taskBoard('', { EventSource: ES, fetch });
+    const seen: ConnectionState[] = [];
+    board.state$.subscribe((s) => seen.push(s));
+    const { sub } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    FakeEventSource.last.open();
+    FakeEventSource.last.drop();
+    FakeEventSource.last.open();
+    FakeEventSource.last.emit('reset', '3', { event: 'reset', reason: 'r', last_event_id: '3' });
+    await vi.advanceTimersByTimeAsync(0);
+    FakeEventSource.last.open();
+    sub.unsubscribe();
+    // no 'closed' flash while reloading after a reset
+    expect(seen).toEqual(['closed', 'connecting', 'open', 'reconnecting', 'open', 'reconnecting', 'open', 'closed']);
+  });
+
+  it('retries the snapshot while the server is unreachable', async () => {
+    const fetch = fakeFetch({ '/tasks': [networkError, () => json(503, { error: 'busy' }), () => json(200, { last_event_id: '2', tasks: [task(9, 1)] })] });
+    const { sub, view } = watch(taskBoard('', { EventSource: ES, fetch, random: () => 0, backoff: { initialDelayMs: 100 } }));
+    await vi.advanceTimersByTimeAsync(0);
+    expect(FakeEventSource.instances).toHaveLength(0);
+    await vi.advanceTimersByTimeAsync(50 + 100);
+    expect(fetch).toHaveBeenCalledTimes(3);
+    expect(view()).toEqual({ '9': 1 });
+    expect(FakeEventSource.instances).toHaveLength(1);
+    sub.unsubscribe();
+  });
+
+  it('fails with the server message when the snapshot is refused', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(401, { error: 'token expired' }) });
+    const board = taskBoard('', { EventSource: ES, fetch });
+    const seen: ConnectionState[] = [];
+    board.state$.subscribe((s) => seen.push(s));
+    const { error } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(error()).toBeInstanceOf(TaskstreamError);
+    expect((error() as Error).message).toBe('GET /tasks answered 401: token expired');
+    expect(seen.at(-1)).toBe('closed');
+  });
+
+  it('sends the token as Bearer to /tasks and as access_token to /events, and filters tasks', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [task(101, 1), task(102, 1)] }) });
+    const { sub, view } = watch(taskBoard('', { EventSource: ES, fetch, accessToken: 'T', taskIds: ['101'] }));
+    await vi.advanceTimersByTimeAsync(0);
+    const init = fetch.mock.calls[0]![1] as RequestInit;
+    expect(new Headers(init.headers).get('authorization')).toBe('Bearer T');
+    expect(view()).toEqual({ '101': 1 });
+    const es = FakeEventSource.last;
+    expect(es.params.get('access_token')).toBe('T');
+    expect(es.params.getAll('task_id')).toEqual(['101']);
+    es.emit('task_updated', '2', updated(task(102, 2))); // not ours: ignored even if sent
+    expect(view()).toEqual({ '101': 1 });
+    sub.unsubscribe();
+  });
+});
+
+describe('updateTask', () => {
+  it('POSTs JSON and returns the answer', async () => {
+    const fetch = fakeFetch({ '/update_task': () => json(202, { event_id: '3', task: task(101, 2, { status: 'done' }) }) });
+    const res = await updateTask('http://h:1', { task_id: 101, status: 'done' }, { fetch, idempotencyKey: 'k1' });
+    expect(res.event_id).toBe('3');
+    const [url, init] = fetch.mock.calls[0]! as [string, RequestInit];
+    expect(url).toBe('http://h:1/update_task');
+    expect(init.method).toBe('POST');
+    const headers = new Headers(init.headers);
+    expect(headers.get('content-type')).toBe('application/json');
+    expect(headers.get('idempotency-key')).toBe('k1');
+    expect(JSON.parse(init.body as string)).toEqual({ task_id: 101, status: 'done' });
+  });
+
+  it("rejects with the server's error message and status", async () => {
+    const fetch = fakeFetch({ '/update_task': () => json(400, { error: 'status: must be 1 to 64 characters' }) });
+    const err = await updateTask('', { task_id: 1, status: '' }, { fetch }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TaskstreamError);
+    expect((err as TaskstreamError).status).toBe(400);
+    expect((err as Error).message).toBe('update_task answered 400: status: must be 1 to 64 characters');
+  });
+});

@@ -1,0 +1,115 @@
+/** Test doubles: an EventSource driven by hand, and a scripted fetch. */
+import { vi } from 'vitest';
+import type { EventSourceLike } from '../src/taskstream';
+
+type Listener = (ev: MessageEvent) => void;
+
+/** An EventSource whose server side is the test: open(), emit(), drop(), refuse(). */
+export class FakeEventSource implements EventSourceLike {
+  static readonly CONNECTING = 0;
+  static readonly OPEN = 1;
+  static readonly CLOSED = 2;
+  static instances: FakeEventSource[] = [];
+
+  static reset(): void {
+    FakeEventSource.instances = [];
+  }
+
+  /** The newest instance, that is the one a test usually drives. */
+  static get last(): FakeEventSource {
+    const es = FakeEventSource.instances.at(-1);
+    if (!es) throw new Error('no EventSource was created');
+    return es;
+  }
+
+  readyState = FakeEventSource.CONNECTING;
+  onopen: ((ev: Event) => void) | null = null;
+  onerror: ((ev: Event) => void) | null = null;
+  onmessage: ((ev: MessageEvent) => void) | null = null;
+  closed = false;
+  private readonly listeners = new Map<string, Listener[]>();
+
+  constructor(
+    readonly url: string,
+    readonly init?: { withCredentials?: boolean },
+  ) {
+    FakeEventSource.instances.push(this);
+  }
+
+  /** The query parameters of the URL it was opened with. */
+  get params(): URLSearchParams {
+    return new URL(this.url, 'http://test.invalid').searchParams;
+  }
+
+  addEventListener(type: string, listener: Listener): void {
+    const list = this.listeners.get(type) ?? [];
+    list.push(listener);
+    this.listeners.set(type, list);
+  }
+
+  listenerCount(type: string): number {
+    return this.listeners.get(type)?.length ?? 0;
+  }
+
+  close(): void {
+    this.readyState = FakeEventSource.CLOSED;
+    this.closed = true;
+  }
+
+  open(): void {
+    this.readyState = FakeEventSource.OPEN;
+    this.onopen?.(new Event('open'));
+  }
+
+  /** Delivers one frame as a browser would: named events to listeners only. */
+  emit(type: string, id: string, data: unknown): void {
+    const ev = { type, lastEventId: id, data: typeof data === 'string' ? data : JSON.stringify(data) } as MessageEvent;
+    if (type === 'message') this.onmessage?.(ev);
+    else for (const l of this.listeners.get(type) ?? []) l(ev);
+  }
+
+  /** A network error or a stream the server ended: the browser retries itself. */
+  drop(): void {
+    this.readyState = FakeEventSource.CONNECTING;
+    this.onerror?.(new Event('error'));
+  }
+
+  /** A non-200 answer: the browser gives up for good. */
+  refuse(): void {
+    this.readyState = FakeEventSource.CLOSED;
+    this.onerror?.(new Event('error'));
+  }
+}
+
+export type Route = (url: string, init?: RequestInit) => Response | Promise<Response>;
+
+/** A fetch that answers by route: the first matching prefix of the path wins. */
+export function fakeFetch(routes: Record<string, Route | Route[]>) {
+  const queues = new Map(Object.entries(routes).map(([k, v]) => [k, Array.isArray(v) ? [...v] : v]));
+  return vi.fn(async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
+    const url = String(input);
+    const path = new URL(url, 'http://test.invalid').pathname;
+    for (const [prefix, route] of queues) {
+      if (!path.startsWith(prefix)) continue;
+      if (Array.isArray(route)) {
+        const next = route.length > 1 ? route.shift()! : route[0];
+        if (!next) throw new Error(`no answer left for ${url}`);
+        return next(url, init);
+      }
+      return route(url, init);
+    }
+    throw new TypeError(`fetch failed: no route for ${url}`);
+  });
+}
+
+export function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), { status, headers: { 'Content-Type': 'application/json', ...headers } });
+}
+
+export function eventStream(): Response {
+  return new Response('', { status: 200, headers: { 'Content-Type': 'text/event-stream' } });
+}
+
+export function networkError(): never {
+  throw new TypeError('fetch failed');
+}
