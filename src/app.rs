@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::routes::{events, ops, tasks, ws};
 use actix_web::dev::Service;
 use actix_web::middleware::Logger;
-use actix_web::{web, App, HttpRequest, HttpServer};
+use actix_web::{guard, web, App, HttpRequest, HttpServer};
 use futures_util::FutureExt;
 use log::info;
 use std::future::Future;
@@ -63,14 +63,32 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(only("/events", "GET", web::get().to(events::events)))
     .service(only("/ws", "GET", web::get().to(ws::ws)))
-    .service(only("/healthz", "GET", web::get().to(ops::healthz)))
-    .service(only("/metrics", "GET", web::get().to(ops::metrics)))
-    .service(only("/", "GET", web::get().to(ops::index)))
-    .service(only("/app.js", "GET", web::get().to(ops::app_js)))
-    .service(only("/app.css", "GET", web::get().to(ops::app_css)));
+    .service(only(
+        "/healthz",
+        "GET, HEAD",
+        get_or_head().to(ops::healthz),
+    ))
+    .service(only(
+        "/metrics",
+        "GET, HEAD",
+        get_or_head().to(ops::metrics),
+    ))
+    .service(only("/", "GET, HEAD", get_or_head().to(ops::index)))
+    .service(only("/app.js", "GET, HEAD", get_or_head().to(ops::app_js)))
+    .service(only(
+        "/app.css",
+        "GET, HEAD",
+        get_or_head().to(ops::app_css),
+    ));
 }
 
-/// A path served by one method.
+/// For the page and the probes, which `curl -I` and load balancers ask with HEAD (actix sends
+/// the headers of the GET answer without its body).
+fn get_or_head() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
+/// A path served by the methods of `route` only.
 fn only(path: &str, allowed: &'static str, route: actix_web::Route) -> actix_web::Resource {
     web::resource(path)
         .route(route)

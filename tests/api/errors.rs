@@ -265,7 +265,7 @@ async fn unknown_routes_404_and_wrong_methods_405_in_json() {
         (reqwest::Method::POST, "/tasks", "GET"),
         (reqwest::Method::PUT, "/tasks/1", "GET, DELETE"),
         (reqwest::Method::POST, "/events", "GET"),
-        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/healthz", "GET, HEAD"),
     ] {
         let response = server
             .client

@@ -271,6 +271,14 @@ async fn healthz_metrics_and_the_board_page_answer() {
         .unwrap()
         .starts_with("text/html"));
     assert!(page.text().await.unwrap().contains("/app.js"));
+    for path in ["/", "/healthz"] {
+        let head = server.client.head(server.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK, "HEAD {path}");
+        assert!(
+            head.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has no body"
+        );
+    }
     for asset in ["/app.js", "/app.css"] {
         assert_eq!(
             server
