@@ -11,6 +11,7 @@ pub struct Metrics {
     pub lagged_subscribers: IntCounter,
     pub rejected_subscribers: IntCounter,
     pub http_requests: IntCounterVec,
+    pub backend_up: IntGauge,
 }
 
 impl Metrics {
@@ -25,8 +26,11 @@ impl Metrics {
                 .expect("metric names are unique");
         };
         let subscribers = IntGauge::new("subscribers", "Open event streams").unwrap();
-        let events_published =
-            IntCounter::new("events_published_total", "Events published").unwrap();
+        let events_published = IntCounter::new(
+            "events_published_total",
+            "Events published through this node (accepted updates and deletes)",
+        )
+        .unwrap();
         let events_replayed = IntCounter::new(
             "events_replayed_total",
             "Events sent from the replay buffer (resume or catch-up)",
@@ -57,7 +61,13 @@ impl Metrics {
         register(Box::new(resets.clone()));
         register(Box::new(lagged_subscribers.clone()));
         register(Box::new(rejected_subscribers.clone()));
+        let backend_up = IntGauge::new(
+            "backend_up",
+            "1 while the store is reachable (in memory: always), 0 while Redis is not",
+        )
+        .unwrap();
         register(Box::new(http_requests.clone()));
+        register(Box::new(backend_up.clone()));
         Metrics {
             registry,
             subscribers,
@@ -67,6 +77,7 @@ impl Metrics {
             lagged_subscribers,
             rejected_subscribers,
             http_requests,
+            backend_up,
         }
     }
 
