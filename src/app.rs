@@ -134,6 +134,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
     let state = web::Data::new(AppState::new(&config)?);
+    state.backend.started().await;
     let app_state = state.clone();
     let stopping = state.clone();
     let mut server = HttpServer::new(move || {

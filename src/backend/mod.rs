@@ -54,6 +54,14 @@ impl Backend {
         }
     }
 
+    /// Before serving: waits (bounded) until the backend can tell where live events start.
+    pub async fn started(&self) {
+        match self {
+            Backend::Memory(_) => {}
+            Backend::Redis(redis) => redis.started().await,
+        }
+    }
+
     /// After the hub is closed: waits for the backend's background tasks to end.
     pub async fn stopped(&self) {
         match self {

@@ -50,6 +50,9 @@ const BLOCK: Duration = Duration::from_secs(2);
 const PAGE: usize = 256;
 /// Optimistic updates of one task retried at most this often before answering 503.
 const MAX_ATTEMPTS: usize = 32;
+/// How long a starting node waits for its reader to find the stream's head before it accepts
+/// connections anyway (degraded).
+const STARTUP_WAIT: Duration = Duration::from_secs(3);
 
 /// Appends an update: `{'ok', id}`, `{'again', first answer}` for a used Idempotency-Key, or
 /// `{'conflict'}` when the task changed since the caller read it (the caller reads and retries).
@@ -111,6 +114,8 @@ struct Store {
     idempotency_window_secs: u64,
     /// Whether the reader is connected and following the stream.
     following: AtomicBool,
+    /// Notified when the reader starts following.
+    followed: tokio::sync::Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -142,6 +147,7 @@ impl RedisBackend {
             max_len: config.buffer,
             idempotency_window_secs: config.idempotency_window,
             following: AtomicBool::new(false),
+            followed: tokio::sync::Notify::new(),
             metrics: metrics.clone(),
         });
         let hub = Arc::new(Hub::with_history(
@@ -160,6 +166,28 @@ impl RedisBackend {
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// Waits, at most `STARTUP_WAIT`, for the reader to find where the stream ends. A live
+    /// subscriber that arrived before that could miss an event published meanwhile (the reader
+    /// would start after it), so the node does not accept connections until then, unless Redis
+    /// stays unreachable.
+    pub async fn started(&self) {
+        let store = &self.store;
+        let following = async {
+            loop {
+                let notified = store.followed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if store.following.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(STARTUP_WAIT, following).await.is_err() {
+            warn!("redis: unreachable at start; serving degraded (publishing answers 503) until it is reachable");
+        }
     }
 
     /// Waits (briefly) for the reader to end; it ends when the hub closes.
@@ -387,7 +415,11 @@ impl Store {
     /// Marks the reader connected or not; answers whether that changed.
     fn set_following(&self, following: bool) -> bool {
         self.metrics.backend_up.set(following.into());
-        self.following.swap(following, Ordering::AcqRel) != following
+        let changed = self.following.swap(following, Ordering::AcqRel) != following;
+        if following {
+            self.followed.notify_waiters();
+        }
+        changed
     }
 
     /// One page of the stream after `after`, with the newest id read in the same script.
