@@ -315,6 +315,13 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// For a live subscription on a hub fed from a shared log: events up to `head` (the log's
+    /// newest when the subscription started) came before it, even if the feed has not delivered
+    /// them yet, so they are not sent.
+    pub fn starts_after(&mut self, head: EventId) {
+        self.last_id = self.last_id.max(head);
+    }
+
     fn wants(&self, event: &Event) -> bool {
         self.filter
             .as_ref()
@@ -638,6 +645,18 @@ mod tests {
             feed(&hub, &log);
             assert_eq!(seqs(&drain(&mut sub)), vec![newest + 1], "live after it");
         }
+    }
+
+    #[test]
+    fn a_live_subscription_can_start_after_the_logs_head() {
+        let (hub, log) = hub_with_log(4);
+        (1..=3).for_each(|s| append(&log, s));
+        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        sub.starts_after(EventId { epoch: 1, seq: 3 });
+        feed(&hub, &log);
+        append(&log, 4);
+        feed(&hub, &log);
+        assert_eq!(seqs(&drain(&mut sub)), vec![4], "1 to 3 came before it");
     }
 
     #[test]

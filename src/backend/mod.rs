@@ -99,7 +99,10 @@ impl Backend {
         resume: Resume,
         filter: TaskFilter,
     ) -> Result<Subscription, SubscribeError> {
-        self.hub().subscribe(resume, filter)
+        match self {
+            Backend::Memory(memory) => memory.hub().subscribe(resume, filter),
+            Backend::Redis(redis) => redis.subscribe(resume, filter).await,
+        }
     }
 
     pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {

@@ -22,7 +22,7 @@
 use super::{Accepted, BackendError, Snapshot};
 use crate::config::Config;
 use crate::event::{Event, EventId, EventKind};
-use crate::hub::{Backfill, History, Hub};
+use crate::hub::{Backfill, History, Hub, Resume, SubscribeError, Subscription, TaskFilter};
 use crate::metrics::Metrics;
 use crate::ring::ResetReason;
 use crate::task::{now_rfc3339, Task, TaskId, TaskPatch};
@@ -206,6 +206,35 @@ impl RedisBackend {
                 warn!("redis: the stream reader did not stop in time");
             }
         }
+    }
+
+    /// A live subscription starts after the stream's head, not after what this node's reader has
+    /// read so far: an event acknowledged before the client subscribed (on any node) is not sent
+    /// to it as live. The head is read after registering, so nothing after it can be missed. If
+    /// Redis does not answer quickly the subscription starts where the node is; while Redis is
+    /// down nothing new can be published anyway.
+    pub async fn subscribe(
+        &self,
+        resume: Resume,
+        filter: TaskFilter,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut subscription = self.hub.subscribe(resume, filter)?;
+        if resume == Resume::Live {
+            let mut conn = self.store.conn.clone();
+            let mut get = redis::cmd("GET");
+            get.arg(HEAD_KEY);
+            let head = tokio::time::timeout(
+                Duration::from_secs(1),
+                get.query_async::<Option<String>>(&mut conn),
+            )
+            .await;
+            if let Ok(Ok(Some(head))) = head {
+                if let Ok(head) = head.parse() {
+                    subscription.starts_after(head);
+                }
+            }
+        }
+        Ok(subscription)
     }
 
     /// Healthy when the reader follows the stream and Redis answers a PING.
@@ -587,6 +616,16 @@ async fn follow_once(
         Ok(conn) => conn,
         Err(e) => return e,
     };
+    // Named, so `CLIENT LIST` shows which node each reader belongs to.
+    let name = format!("taskstream-reader-{}", std::process::id());
+    if let Err(e) = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(&name)
+        .query_async::<()>(&mut conn)
+        .await
+    {
+        return e;
+    }
     let head: Option<String> = match redis::cmd("GET").arg(HEAD_KEY).query_async(&mut conn).await {
         Ok(head) => head,
         Err(e) => return e,

@@ -374,6 +374,18 @@ impl RedisServer {
             && &answer == b"+PONG\r\n"
     }
 
+    /// Runs one command with redis-cli (Debian's redis-server package brings it) and answers its
+    /// output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// SIGKILL: no shutdown save, so only what the AOF already holds survives.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -74,6 +74,36 @@ async fn updates_posted_to_any_node_reach_every_node_in_one_order() {
     }
 }
 
+/// Node B's reader may not have read an event acknowledged on A yet; a client that subscribes
+/// live on B afterwards still does not get it (it came before the subscription).
+#[tokio::test]
+async fn a_live_subscriber_gets_only_what_was_published_after_it_subscribed() {
+    let Some(redis) = redis(&[]).await else {
+        return;
+    };
+    let a = TestServer::start_on(&redis, &[]).await;
+    let b = TestServer::start_on(&redis, &[]).await;
+    for round in 0..5 {
+        // Cut B's reader off: it is behind for its backoff (50 ms) while A publishes.
+        let reader = format!("name=taskstream-reader-{} ", b.pid());
+        let clients = redis.cli(&["CLIENT", "LIST"]);
+        let id = clients
+            .lines()
+            .find(|line| line.contains(&reader))
+            .and_then(|line| line.strip_prefix("id="))
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("B's reader in\n{clients}"))
+            .to_owned();
+        redis.cli(&["CLIENT", "KILL", "ID", &id]);
+        a.update(json!({"task_id": 1, "data": {"before": round}}))
+            .await;
+        let mut stream = b.subscribe("/events").await;
+        let after = a.update(json!({"task_id": 2})).await;
+        assert_eq!(stream.next_event().await.id, Some(after), "round {round}");
+        wait_until_healthy(&b).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_of_a_killed_node_resumes_on_another_and_misses_nothing() {
     let Some(redis) = redis(&[]).await else {
