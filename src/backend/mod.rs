@@ -93,7 +93,7 @@ impl Backend {
 
     /// Starts a subscription for any transport: replay after `resume`, then live, no gap. On
     /// Redis a replay older than the node's ring is read from the stream as the subscription is
-    /// first polled (the hub's history), so this never waits for Redis.
+    /// first polled (the hub's history); a live one reads the stream's head first (at most 1 s).
     pub async fn subscribe(
         &self,
         resume: Resume,
