@@ -1,6 +1,6 @@
 //! The application: shared state, the one route table (for `main` and tests), and `run`.
 
-use crate::backend::{memory::MemoryBackend, Backend};
+use crate::backend::{memory::MemoryBackend, redis::RedisBackend, Backend};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -25,25 +25,40 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: &Config) -> AppState {
+    /// Fails only on an unusable `--redis-url`. Must run inside the Tokio runtime (the Redis
+    /// backend spawns its stream reader).
+    pub fn new(config: &Config) -> std::io::Result<AppState> {
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(
-            config.buffer as usize,
-            config.max_subscribers as usize,
-            metrics.clone(),
-        ));
-        let backend = Backend::Memory(MemoryBackend::new(
-            hub.clone(),
-            config.idempotency_window(),
-            config.idempotency_keys,
-        ));
-        AppState {
+        let backend = match &config.redis_url {
+            None => {
+                metrics.backend_up.set(1);
+                Backend::Memory(MemoryBackend::new(
+                    Arc::new(Hub::new(
+                        config.buffer as usize,
+                        config.max_subscribers as usize,
+                        metrics.clone(),
+                    )),
+                    config.idempotency_window(),
+                    config.idempotency_keys,
+                ))
+            }
+            Some(url) => Backend::Redis(
+                RedisBackend::start(url, config, metrics.clone()).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("--redis-url: {e}"),
+                    )
+                })?,
+            ),
+        };
+        let hub = backend.hub().clone();
+        Ok(AppState {
             backend,
             hub,
             metrics,
             retry: config.retry(),
             keep_alive: config.keep_alive(),
-        }
+        })
     }
 }
 
@@ -121,8 +136,10 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
-    let state = web::Data::new(AppState::new(&config));
+    let state = web::Data::new(AppState::new(&config)?);
+    state.backend.started().await;
     let app_state = state.clone();
+    let stopping = state.clone();
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
@@ -162,6 +179,7 @@ pub async fn run(
         handle.stop(true).await;
     });
     server.await?;
+    stopping.backend.stopped().await;
     info!("stopped");
     Ok(())
 }

@@ -49,6 +49,11 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
 
+    /// Share tasks and events with other taskstream nodes through this Redis (7 or later), e.g.
+    /// redis://127.0.0.1:6379/0 (rediss:// for TLS is not built in). Default: all in memory.
+    #[arg(long, env = "TASKSTREAM_REDIS_URL")]
+    pub redis_url: Option<String>,
+
     /// Seconds to wait on shutdown for connections to finish before closing them.
     #[arg(long, env = "TASKSTREAM_SHUTDOWN_TIMEOUT", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(0..=60))]

@@ -21,6 +21,11 @@ pub struct EventId {
 impl EventId {
     /// The position before every event: `0` asks for everything still buffered.
     pub const START: EventId = EventId { epoch: 0, seq: 0 };
+    /// The largest id that parses: no store issues it.
+    pub const MAX: EventId = EventId {
+        epoch: u64::MAX,
+        seq: u64::MAX,
+    };
 }
 
 impl fmt::Display for EventId {
@@ -95,21 +100,47 @@ pub struct Event {
 
 impl Event {
     pub fn updated(id: EventId, task: &Task) -> Event {
+        let data = Event::updated_data(task);
+        Event::new(id, task.task_id.clone(), EventKind::TaskUpdated, data)
+    }
+
+    pub fn deleted(id: EventId, task_id: TaskId) -> Event {
+        let data = Event::deleted_data(&task_id);
+        Event::new(id, task_id, EventKind::TaskDeleted, data)
+    }
+
+    /// The `data` line of a `task_updated` event: the whole task plus `"event"`. A store that
+    /// assigns the id itself (Redis) keeps these bytes, so every node frames the same event.
+    pub fn updated_data(task: &Task) -> Vec<u8> {
         let mut data = Vec::with_capacity(256);
         let mut serializer = serde_json::Serializer::new(&mut data);
         // A `Task` holds only strings, integers and a JSON map: serialising it cannot fail.
         task.serialize_with(&mut serializer, &[("event", EventKind::TaskUpdated.name())])
             .expect("a task always serialises");
-        Event::new(id, task.task_id.clone(), EventKind::TaskUpdated, data)
+        data
     }
 
-    pub fn deleted(id: EventId, task_id: TaskId) -> Event {
-        let data = serde_json::to_vec(&serde_json::json!({
+    /// The `data` line of a `task_deleted` event.
+    pub fn deleted_data(task_id: &TaskId) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
             "event": EventKind::TaskDeleted.name(),
             "task_id": task_id,
         }))
-        .expect("a task id always serialises");
-        Event::new(id, task_id, EventKind::TaskDeleted, data)
+        .expect("a task id always serialises")
+    }
+
+    /// Rebuilds an event from stored parts (`data` as made by `updated_data`/`deleted_data`).
+    /// Refuses bytes that could not be one `data:` line, so a damaged store cannot break framing.
+    pub fn from_stored(
+        id: EventId,
+        task_id: TaskId,
+        kind: EventKind,
+        data: Vec<u8>,
+    ) -> Result<Event, InvalidStoredData> {
+        if std::str::from_utf8(&data).is_err() || data.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+            return Err(InvalidStoredData);
+        }
+        Ok(Event::new(id, task_id, kind, data))
     }
 
     fn new(id: EventId, task_id: TaskId, kind: EventKind, data: Vec<u8>) -> Event {
@@ -140,6 +171,10 @@ impl Event {
             .clone()
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored event data is not one line of UTF-8")]
+pub struct InvalidStoredData;
 
 /// Frames one SSE message with russe, the encoder actix-web-lab's `sse` module uses.
 ///

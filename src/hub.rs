@@ -1,12 +1,15 @@
 //! Fan-out: one broadcast channel of shared events; each subscription replays, then goes live with
-//! no gap, and recovers from lag through the ring buffer or by a `reset`, never by skipping.
+//! no gap, and recovers from lag through the ring buffer (or a longer `History`) or by a `reset`,
+//! never by skipping.
 
 use crate::event::{Event, EventId};
 use crate::metrics::Metrics;
 use crate::ring::{ResetReason, Ring};
 use crate::task::TaskId;
+use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,37 +52,109 @@ pub enum SubscribeError {
     Closed,
 }
 
+/// A log that reaches further back than the ring: the Redis stream, which every node appends to
+/// and which outlives any node. With one, a resume the ring cannot serve and a catch-up after lag
+/// read it before settling for a `reset`.
+pub trait History: Send + Sync + 'static {
+    /// Every event after `after`, oldest first, up to the log's newest, or why they cannot be
+    /// replayed. Keeps trying while the log is unreachable (the stream stays open meanwhile).
+    fn after(&self, after: EventId) -> BoxFuture<'static, Backfill>;
+
+    /// The log's newest id, which a `reset` names.
+    fn newest(&self) -> BoxFuture<'static, EventId>;
+}
+
+/// What a `History` answers.
+#[derive(Debug)]
+pub enum Backfill {
+    /// The events after the asked id, complete up to `through` (the last one's id, or the asked id
+    /// when there were none).
+    Events {
+        events: Vec<Arc<Event>>,
+        through: EventId,
+    },
+    Reset {
+        newest: EventId,
+        reason: ResetReason,
+    },
+}
+
+/// A history read in flight; `None` when the hub closed first.
+type Fetch = Pin<Box<dyn Future<Output = Option<Backfill>> + Send>>;
+
 pub struct Hub {
     inner: Mutex<Inner>,
     subscribers: AtomicUsize,
     max_subscribers: usize,
+    capacity: usize,
     metrics: Arc<Metrics>,
-    /// Cancelled by `close`, for connections that wait on something other than a subscription
-    /// (a WebSocket client that has not subscribed yet).
-    closing: CancellationToken,
+    history: Option<Arc<dyn History>>,
+    /// Cancelled by `close`: ends history reads in flight, the feed that follows a shared log,
+    /// and connections waiting on something other than a subscription (a WebSocket client that
+    /// has not subscribed yet).
+    closed: CancellationToken,
 }
 
 struct Inner {
     ring: Ring,
+    /// False while a hub fed from a shared log does not yet know where its feed starts: until
+    /// `restart_at` the ring covers nothing and every replay reads the history.
+    anchored: bool,
     /// `None` once the hub is closed: every live stream then ends after its last complete frame.
     sender: Option<broadcast::Sender<Arc<Event>>>,
+}
+
+impl Inner {
+    fn since(&self, id: EventId) -> Result<impl Iterator<Item = &Arc<Event>>, ResetReason> {
+        if !self.anchored {
+            return Err(ResetReason::Unknown);
+        }
+        self.ring.since(id)
+    }
 }
 
 impl Hub {
     /// `buffer` events stay replayable. The live channel holds half as many, so a subscriber that
     /// falls behind by more than the channel holds usually still finds its place in the ring.
     pub fn new(buffer: usize, max_subscribers: usize, metrics: Arc<Metrics>) -> Hub {
-        let (sender, _) = broadcast::channel((buffer / 2).max(1));
+        Hub::build(buffer, max_subscribers, metrics, None)
+    }
+
+    /// A hub fed from a shared log (`publish` in the log's order) that `history` can read further
+    /// back. Its ring covers nothing until the feed calls `restart_at`.
+    pub fn with_history(
+        buffer: usize,
+        max_subscribers: usize,
+        metrics: Arc<Metrics>,
+        history: Arc<dyn History>,
+    ) -> Hub {
+        Hub::build(buffer, max_subscribers, metrics, Some(history))
+    }
+
+    fn build(
+        buffer: usize,
+        max_subscribers: usize,
+        metrics: Arc<Metrics>,
+        history: Option<Arc<dyn History>>,
+    ) -> Hub {
+        let (sender, _) = broadcast::channel(Hub::channel_capacity(buffer));
         Hub {
             inner: Mutex::new(Inner {
                 ring: Ring::new(buffer),
+                anchored: history.is_none(),
                 sender: Some(sender),
             }),
             subscribers: AtomicUsize::new(0),
             max_subscribers,
+            capacity: buffer,
             metrics,
-            closing: CancellationToken::new(),
+            history,
+            closed: CancellationToken::new(),
         }
+    }
+
+    fn channel_capacity(buffer: usize) -> usize {
+        (buffer / 2).max(1)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -100,7 +175,43 @@ impl Hub {
             // An error only means nobody is subscribed right now.
             let _ = sender.send(event);
         }
-        self.metrics.events_published.inc();
+    }
+
+    /// For a hub fed from a shared log: the feed continues with the events after `floor`, so the
+    /// ring starts again, empty, there. With `lost`, events between what was fanned out and
+    /// `floor` are gone (the store lost them, or trimmed them before this node read them): every
+    /// open stream then ends after what it has, and each client reconnects with its Last-Event-ID
+    /// and gets the replay path's answer (a `reset`) instead of being carried past the hole.
+    pub fn restart_at(&self, floor: EventId, lost: bool) {
+        let mut inner = self.lock();
+        inner.ring = Ring::starting_after(self.capacity, floor);
+        inner.anchored = true;
+        if lost {
+            if let Some(sender) = &mut inner.sender {
+                // Dropping the old sender ends every receiver once it has drained.
+                *sender = broadcast::channel(Hub::channel_capacity(self.capacity)).0;
+            }
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Resolves once the hub is closed (shutdown): the stop signal for tasks that feed it.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.closed.clone().cancelled_owned()
+    }
+
+    /// A history read that gives up when the hub closes, so no stream outlives shutdown.
+    fn fetch(&self, backfill: impl Future<Output = Backfill> + Send + 'static) -> Fetch {
+        let closed = self.closed.clone();
+        Box::pin(async move {
+            tokio::select! {
+                backfill = backfill => Some(backfill),
+                () = closed.cancelled() => None,
+            }
+        })
     }
 
     /// The newest position: the id of the newest event, or `START` before the first.
@@ -110,6 +221,11 @@ impl Hub {
 
     /// Starts a subscription: it registers for live events and reads the replay under one lock,
     /// so the live part begins exactly after the replayed part (no gap, no duplicate).
+    ///
+    /// When the ring cannot serve the replay and there is a history, the subscription reads it
+    /// when first polled: it is already registered for live events then, and the history reaches
+    /// at least as far as this hub's feed, so replay and live overlap and the `last_id` guard
+    /// drops the overlap.
     pub fn subscribe(
         self: &Arc<Self>,
         resume: Resume,
@@ -128,12 +244,24 @@ impl Hub {
         let head = inner.ring.head();
         let mut backlog = VecDeque::new();
         let mut pending_reset = None;
-        match resume {
-            Resume::Live => {}
-            Resume::Malformed => pending_reset = Some(ResetReason::Malformed),
-            Resume::After(id) => match inner.ring.since(id) {
-                Ok(events) => backlog.extend(events.cloned()),
-                Err(reason) => pending_reset = Some(reason),
+        let mut fetching = None;
+        match (resume, &self.history) {
+            (Resume::Live, _) => {}
+            (Resume::Malformed, None) => pending_reset = Some(ResetReason::Malformed),
+            (Resume::Malformed, Some(history)) => {
+                // The reset names the log's newest id, which this hub's feed may not have reached.
+                let newest = history.newest();
+                fetching = Some(self.fetch(async move {
+                    Backfill::Reset {
+                        newest: newest.await,
+                        reason: ResetReason::Malformed,
+                    }
+                }));
+            }
+            (Resume::After(id), history) => match (inner.since(id), history) {
+                (Ok(events), _) => backlog.extend(events.cloned()),
+                (Err(_), Some(history)) => fetching = Some(self.fetch(history.after(id))),
+                (Err(reason), None) => pending_reset = Some(reason),
             },
         }
         drop(inner);
@@ -141,6 +269,7 @@ impl Hub {
             hub: self.clone(),
             live,
             backlog,
+            fetching,
             pending_reset: pending_reset.map(|reason| (head, reason)),
             last_id: head,
             filter,
@@ -151,20 +280,16 @@ impl Hub {
     /// Ends every live stream (after the frames already queued) and refuses new subscribers.
     pub fn close(&self) {
         self.lock().sender = None;
-        self.closing.cancel();
+        self.closed.cancel();
     }
 
     /// Cancelled when the hub closes.
     pub fn closing(&self) -> CancellationToken {
-        self.closing.clone()
+        self.closed.clone()
     }
 
     pub fn is_full(&self) -> bool {
         self.subscriber_count() >= self.max_subscribers
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -198,8 +323,11 @@ pub enum Delivery {
 pub struct Subscription {
     hub: Arc<Hub>,
     live: BroadcastStream<Arc<Event>>,
-    /// Replayed or caught-up events not yet delivered; bounded by the ring's capacity.
+    /// Replayed or caught-up events not yet delivered; bounded by the ring's (or the history's)
+    /// capacity.
     backlog: VecDeque<Arc<Event>>,
+    /// A history read to finish before anything else is delivered.
+    fetching: Option<Fetch>,
     pending_reset: Option<(EventId, ResetReason)>,
     /// Every event up to here was delivered, filtered out or covered by a reset; live events at or
     /// below it are duplicates of the backlog.
@@ -209,20 +337,32 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// For a live subscription on a hub fed from a shared log: events up to `head` (the log's
+    /// newest when the subscription started) came before it, even if the feed has not delivered
+    /// them yet, so they are not sent.
+    pub fn starts_after(&mut self, head: EventId) {
+        self.last_id = self.last_id.max(head);
+    }
+
     fn wants(&self, event: &Event) -> bool {
         self.filter
             .as_ref()
             .is_none_or(|ids| ids.contains(&event.task_id))
     }
 
-    /// After a lag, refills the backlog from the ring, or turns into a reset when the ring no
-    /// longer reaches back to `last_id`.
+    /// After a lag, refills the backlog from the ring; when the ring no longer reaches back to
+    /// `last_id`, reads the history, and without one turns into a reset.
     fn catch_up(&mut self) {
         self.hub.metrics.lagged_subscribers.inc();
         let inner = self.hub.lock();
-        match inner.ring.since(self.last_id) {
-            Ok(events) => self.backlog.extend(events.cloned()),
-            Err(reason) => self.pending_reset = Some((inner.ring.head(), reason)),
+        match (inner.since(self.last_id), &self.hub.history) {
+            (Ok(events), _) => self.backlog.extend(events.cloned()),
+            // `last_id` stays: the fetch answers how far it covers.
+            (Err(_), Some(history)) => {
+                self.fetching = Some(self.hub.fetch(history.after(self.last_id)));
+                return;
+            }
+            (Err(reason), None) => self.pending_reset = Some((inner.ring.head(), reason)),
         }
         self.last_id = inner.ring.head();
     }
@@ -234,6 +374,21 @@ impl Stream for Subscription {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = self.get_mut();
         loop {
+            if let Some(fetch) = &mut this.fetching {
+                let backfill = ready!(fetch.as_mut().poll(cx));
+                this.fetching = None;
+                match backfill {
+                    None => return Poll::Ready(None),
+                    Some(Backfill::Events { events, through }) => {
+                        this.backlog.extend(events);
+                        this.last_id = through;
+                    }
+                    Some(Backfill::Reset { newest, reason }) => {
+                        this.pending_reset = Some((newest, reason));
+                        this.last_id = newest;
+                    }
+                }
+            }
             if let Some((newest, reason)) = this.pending_reset.take() {
                 this.hub.metrics.resets.inc();
                 this.backlog.clear();
@@ -369,6 +524,200 @@ mod tests {
         );
     }
 
+    /// A log holding every event, like the Redis stream with a large cap; reads it when the
+    /// subscription polls, as Redis answers after the live receiver is registered.
+    struct FullLog(Arc<Mutex<Vec<Arc<Event>>>>);
+
+    impl History for FullLog {
+        fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
+            let log = self.0.clone();
+            async move {
+                let log = log.lock().unwrap();
+                let newest = log.last().map_or(EventId::START, |e| e.id);
+                if after != EventId::START && !log.iter().any(|e| e.id == after) {
+                    return Backfill::Reset {
+                        newest,
+                        reason: ResetReason::Unknown,
+                    };
+                }
+                let events: Vec<_> = log.iter().filter(|e| e.id > after).cloned().collect();
+                Backfill::Events {
+                    through: events.last().map_or(after, |e| e.id),
+                    events,
+                }
+            }
+            .boxed()
+        }
+
+        fn newest(&self) -> BoxFuture<'static, EventId> {
+            let newest = self
+                .0
+                .lock()
+                .unwrap()
+                .last()
+                .map_or(EventId::START, |e| e.id);
+            futures_util::future::ready(newest).boxed()
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<Arc<Event>>>>;
+
+    /// A hub with a full log behind it, fed from the log's start, as a node that started on an
+    /// empty stream.
+    fn hub_with_log(buffer: usize) -> (Arc<Hub>, Log) {
+        let log: Log = Arc::default();
+        let hub = Arc::new(Hub::with_history(
+            buffer,
+            100,
+            Arc::new(Metrics::new()),
+            Arc::new(FullLog(log.clone())),
+        ));
+        hub.restart_at(EventId::START, false);
+        (hub, log)
+    }
+
+    /// Appends to the log only (the node's feed has not read it yet).
+    fn append(log: &Log, seq: u64) {
+        log.lock().unwrap().push(Arc::new(Event::deleted(
+            EventId { epoch: 1, seq },
+            TaskId::Number(seq % 3 + 1),
+        )));
+    }
+
+    /// Feeds the hub every logged event it has not seen, as the stream reader does.
+    fn feed(hub: &Hub, log: &Log) {
+        let head = hub.head();
+        for event in log.lock().unwrap().iter().filter(|e| e.id > head) {
+            hub.publish(event.clone());
+        }
+    }
+
+    #[test]
+    fn a_resume_older_than_the_ring_replays_from_the_history_then_live() {
+        let (hub, log) = hub_with_log(4);
+        (1..=10).for_each(|s| append(&log, s));
+        feed(&hub, &log);
+        let mut sub = hub
+            .subscribe(Resume::After(EventId { epoch: 1, seq: 2 }), None)
+            .unwrap();
+        append(&log, 11);
+        assert_eq!(
+            seqs(&drain(&mut sub)),
+            (3..=11).collect::<Vec<_>>(),
+            "11 from the log"
+        );
+        feed(&hub, &log);
+        append(&log, 12);
+        feed(&hub, &log);
+        assert_eq!(
+            seqs(&drain(&mut sub)),
+            vec![12],
+            "11 live is a duplicate, 12 is new"
+        );
+    }
+
+    #[test]
+    fn an_id_the_feed_has_not_reached_is_read_from_the_history() {
+        let (hub, log) = hub_with_log(4);
+        (1..=3).for_each(|s| append(&log, s));
+        // The client got id 2 from another node before this node's feed read it.
+        let mut sub = hub
+            .subscribe(Resume::After(EventId { epoch: 1, seq: 2 }), None)
+            .unwrap();
+        feed(&hub, &log);
+        assert_eq!(seqs(&drain(&mut sub)), vec![3]);
+    }
+
+    #[test]
+    fn before_the_feed_starts_every_replay_reads_the_history() {
+        let log: Log = Arc::default();
+        let hub = Arc::new(Hub::with_history(
+            4,
+            100,
+            Arc::new(Metrics::new()),
+            Arc::new(FullLog(log.clone())),
+        ));
+        (1..=3).for_each(|s| append(&log, s));
+        let mut sub = hub.subscribe(Resume::After(EventId::START), None).unwrap();
+        assert_eq!(seqs(&drain(&mut sub)), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn the_history_answers_resets_with_its_newest_id() {
+        let (hub, log) = hub_with_log(4);
+        (1..=3).for_each(|s| append(&log, s));
+        for resume in [
+            Resume::Malformed,
+            Resume::After(EventId { epoch: 7, seq: 7 }),
+        ] {
+            let newest = log.lock().unwrap().len() as u64;
+            let mut sub = hub.subscribe(resume, None).unwrap();
+            let got = drain(&mut sub);
+            assert!(
+                matches!(got[..], [Delivery::Reset { newest: n, .. }] if n.seq == newest),
+                "{got:?}"
+            );
+            append(&log, newest + 1);
+            feed(&hub, &log);
+            assert_eq!(seqs(&drain(&mut sub)), vec![newest + 1], "live after it");
+        }
+    }
+
+    #[test]
+    fn a_live_subscription_can_start_after_the_logs_head() {
+        let (hub, log) = hub_with_log(4);
+        (1..=3).for_each(|s| append(&log, s));
+        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        sub.starts_after(EventId { epoch: 1, seq: 3 });
+        feed(&hub, &log);
+        append(&log, 4);
+        feed(&hub, &log);
+        assert_eq!(seqs(&drain(&mut sub)), vec![4], "1 to 3 came before it");
+    }
+
+    #[test]
+    fn a_lost_stretch_ends_every_open_stream_after_what_it_has() {
+        let (hub, log) = hub_with_log(4);
+        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        append(&log, 1);
+        feed(&hub, &log);
+        hub.restart_at(EventId { epoch: 1, seq: 5 }, true);
+        assert_eq!(seqs(&drain(&mut sub)), vec![1]);
+        assert!(
+            matches!(sub.next().now_or_never(), Some(None)),
+            "the stream ends"
+        );
+        assert!(
+            hub.subscribe(Resume::Live, None).is_ok(),
+            "new streams open"
+        );
+    }
+
+    #[test]
+    fn closing_ends_a_stream_that_waits_for_its_history() {
+        struct Unreachable;
+        impl History for Unreachable {
+            fn after(&self, _: EventId) -> BoxFuture<'static, Backfill> {
+                futures_util::future::pending().boxed()
+            }
+            fn newest(&self) -> BoxFuture<'static, EventId> {
+                futures_util::future::pending().boxed()
+            }
+        }
+        let hub = Arc::new(Hub::with_history(
+            4,
+            100,
+            Arc::new(Metrics::new()),
+            Arc::new(Unreachable),
+        ));
+        let mut sub = hub
+            .subscribe(Resume::After(EventId { epoch: 1, seq: 1 }), None)
+            .unwrap();
+        assert!(sub.next().now_or_never().is_none(), "waits for the history");
+        hub.close();
+        assert!(matches!(sub.next().now_or_never(), Some(None)));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Publish(u8),
@@ -376,6 +725,8 @@ mod tests {
         Subscribe(u8),
         /// Let subscriber i read up to n deliveries.
         Read(u8, u8),
+        /// (With a log) the feed catches up with the log.
+        Feed,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -417,6 +768,7 @@ mod tests {
                             match sub.next().now_or_never().flatten() { Some(d) => seen.push(d), None => break }
                         }
                     },
+                    Op::Feed => {}
                 }
             }
             for (mut sub, mut seen, start) in subs {
@@ -435,6 +787,57 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(expected_next, published + 1, "events missing at the end: {:?}", seqs(&seen));
+            }
+        }
+    }
+
+    fn op_with_feed() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1u8..20).prop_map(Op::Publish),
+            1 => (0u8..24).prop_map(Op::Subscribe),
+            3 => (any::<u8>(), 1u8..40).prop_map(|(i, n)| Op::Read(i, n)),
+            2 => Just(Op::Feed),
+        ]
+    }
+
+    proptest! {
+        /// With a log that keeps everything behind a small ring (Redis behind a node), whatever the
+        /// interleaving of appending, the feed lagging behind the log, subscribing with any id the
+        /// log issued and reading slowly enough to lag, nobody ever gets a reset, and everyone sees
+        /// each later event exactly once and in order.
+        #[test]
+        fn with_a_complete_history_no_interleaving_resets_loses_or_duplicates(ops in proptest::collection::vec(op_with_feed(), 1..120)) {
+            let (hub, log) = hub_with_log(16);
+            let mut appended = 0u64;
+            let mut subs: Vec<(Subscription, Vec<Delivery>, u64)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Publish(n) => for _ in 0..n {
+                        appended += 1;
+                        append(&log, appended);
+                    },
+                    Op::Feed => feed(&hub, &log),
+                    Op::Subscribe(back) => {
+                        let (resume, start) = match u64::from(back) {
+                            0 => (Resume::Live, hub.head().seq),
+                            back if back >= appended => (Resume::After(EventId::START), 0),
+                            back => (Resume::After(EventId { epoch: 1, seq: appended - back }), appended - back),
+                        };
+                        subs.push((hub.subscribe(resume, None).unwrap(), Vec::new(), start));
+                    }
+                    Op::Read(i, n) => if !subs.is_empty() {
+                        let index = usize::from(i) % subs.len();
+                        let (sub, seen, _) = &mut subs[index];
+                        for _ in 0..n {
+                            match sub.next().now_or_never().flatten() { Some(d) => seen.push(d), None => break }
+                        }
+                    },
+                }
+            }
+            feed(&hub, &log);
+            for (mut sub, mut seen, start) in subs {
+                seen.extend(drain(&mut sub));
+                prop_assert_eq!(seqs(&seen), ((start + 1)..=appended).collect::<Vec<_>>());
             }
         }
     }

@@ -10,7 +10,8 @@
 //! - [`event`] — `EventId`, `Event` with its SSE frame encoded once.
 //! - [`ring`] — the bounded replay buffer.
 //! - [`hub`] — fan-out; replay then live with no gap; lag recovers or resets.
-//! - [`backend`] — the storage seam; [`backend::memory`] is the default.
+//! - [`backend`] — the storage seam; [`backend::memory`] is the default, [`backend::redis`] shares
+//!   tasks and events between nodes through Redis (`--redis-url`).
 //! - [`routes`] — HTTP handlers: tasks, events, ops (healthz, metrics, the board).
 //! - [`metrics`] — Prometheus counters.
 

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub lagged_subscribers: IntCounter,
     pub rejected_subscribers: IntCounter,
     pub http_requests: IntCounterVec,
+    pub backend_up: IntGauge,
 }
 
 impl Metrics {
@@ -29,8 +30,11 @@ impl Metrics {
             IntGauge::new("subscribers", "Open SSE event streams (GET /events)").unwrap();
         let ws_clients =
             IntGauge::new("ws_clients", "Open WebSocket connections (GET /ws)").unwrap();
-        let events_published =
-            IntCounter::new("events_published_total", "Events published").unwrap();
+        let events_published = IntCounter::new(
+            "events_published_total",
+            "Events published through this node (accepted updates and deletes)",
+        )
+        .unwrap();
         let events_replayed = IntCounter::new(
             "events_replayed_total",
             "Events sent from the replay buffer (resume or catch-up)",
@@ -62,7 +66,13 @@ impl Metrics {
         register(Box::new(resets.clone()));
         register(Box::new(lagged_subscribers.clone()));
         register(Box::new(rejected_subscribers.clone()));
+        let backend_up = IntGauge::new(
+            "backend_up",
+            "1 while the store is reachable (in memory: always), 0 while Redis is not",
+        )
+        .unwrap();
         register(Box::new(http_requests.clone()));
+        register(Box::new(backend_up.clone()));
         Metrics {
             registry,
             subscribers,
@@ -73,6 +83,7 @@ impl Metrics {
             lagged_subscribers,
             rejected_subscribers,
             http_requests,
+            backend_up,
         }
     }
 

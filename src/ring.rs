@@ -35,11 +35,17 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(capacity: usize) -> Ring {
+        Ring::starting_after(capacity, EventId::START)
+    }
+
+    /// An empty ring that is complete after `floor`: the events that follow `floor` will be pushed
+    /// (a node that joins a shared log part-way starts its ring where it starts reading).
+    pub fn starting_after(capacity: usize, floor: EventId) -> Ring {
         assert!(capacity > 0, "the ring needs room for at least one event");
         Ring {
             events: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
-            floor: EventId::START,
+            floor,
         }
     }
 
@@ -149,6 +155,17 @@ mod tests {
             Err(ResetReason::Unknown),
             "a later run"
         );
+    }
+
+    #[test]
+    fn a_ring_started_part_way_knows_nothing_before_its_floor() {
+        let mut ring = Ring::starting_after(4, id(10));
+        assert_eq!(ring.head(), id(10));
+        assert_eq!(seqs(&ring, id(10)), Ok(vec![]));
+        assert_eq!(seqs(&ring, id(3)), Err(ResetReason::TooOld));
+        assert_eq!(seqs(&ring, EventId::START), Err(ResetReason::TooOld));
+        ring.push(event(11));
+        assert_eq!(seqs(&ring, id(10)), Ok(vec![11]));
     }
 
     #[test]

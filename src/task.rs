@@ -118,6 +118,64 @@ impl Task {
     }
 }
 
+impl Task {
+    /// Reads a task back from the JSON its `Serialize` wrote (a store's copy). Stored tasks were
+    /// validated on the way in, so this only checks shapes, not the input limits.
+    pub fn from_stored(json: &[u8]) -> Result<Task, InvalidStoredTask> {
+        let invalid = |what: &str| InvalidStoredTask(what.to_owned());
+        let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(json) else {
+            return Err(invalid("not a JSON object"));
+        };
+        let task_id = fields
+            .remove("task_id")
+            .and_then(|v| TaskId::from_json(&v).ok())
+            .ok_or_else(|| invalid("task_id"))?;
+        let string = |value: Value, field: &str| match value {
+            Value::String(s) => Ok(s),
+            _ => Err(invalid(field)),
+        };
+        let status = fields
+            .remove("status")
+            .map(|v| string(v, "status"))
+            .transpose()?;
+        let title = fields
+            .remove("title")
+            .map(|v| string(v, "title"))
+            .transpose()?;
+        let assignee = match fields.remove("assignee") {
+            None => None,
+            Some(Value::Null) => Some(None),
+            Some(v) => Some(Some(string(v, "assignee")?)),
+        };
+        let data = match fields.remove("data") {
+            None => None,
+            Some(Value::Object(map)) => Some(map),
+            Some(_) => return Err(invalid("data")),
+        };
+        let version = fields
+            .remove("version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| invalid("version"))?;
+        let updated_at = string(
+            fields.remove("updated_at").unwrap_or(Value::Null),
+            "updated_at",
+        )?;
+        Ok(Task {
+            task_id,
+            status,
+            title,
+            assignee,
+            data,
+            version,
+            updated_at,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a stored task is damaged ({0})")]
+pub struct InvalidStoredTask(pub String);
+
 impl Serialize for Task {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.serialize_with(serializer, &[])
@@ -359,6 +417,25 @@ mod tests {
     fn limits_count_characters_not_bytes() {
         let body = json!({"task_id": 1, "status": "é".repeat(64)}).to_string();
         assert!(TaskPatch::parse(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_stored_task_reads_back_as_it_was() {
+        for body in [
+            r#"{"task_id": 7}"#,
+            r#"{"task_id": "0101", "status": "s", "title": "", "assignee": null, "data": {"n": 1.5, "big": 18446744073709551615, "o": {}}}"#,
+            r#"{"task_id": 9, "assignee": "ana"}"#,
+        ] {
+            let (id, patch) = TaskPatch::parse(body.as_bytes()).unwrap();
+            let task = patch.apply(id, None, "2026-11-22T10:00:00.123Z".into());
+            let stored = serde_json::to_vec(&task).unwrap();
+            assert_eq!(Task::from_stored(&stored), Ok(task), "{body}");
+        }
+        assert!(
+            Task::from_stored(b"{\"task_id\": 1}").is_err(),
+            "no version"
+        );
+        assert!(Task::from_stored(b"[]").is_err());
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl MemoryBackend {
         let event_id = self.next_id(&mut state);
         let event = Arc::new(Event::updated(event_id, &task));
         state.tasks.insert(task_id, task.clone());
-        self.hub.publish(event);
+        self.publish(event);
         let accepted = Arc::new(Accepted { event_id, task });
         if let Some(key) = idempotency_key {
             self.idempotency.insert(key, accepted.clone());
@@ -103,9 +103,13 @@ impl MemoryBackend {
             return Err(BackendError::NotFound(task_id));
         }
         let event_id = self.next_id(&mut state);
-        self.hub
-            .publish(Arc::new(Event::deleted(event_id, task_id)));
+        self.publish(Arc::new(Event::deleted(event_id, task_id)));
         Ok(event_id)
+    }
+
+    fn publish(&self, event: Arc<Event>) {
+        self.hub.publish(event);
+        self.hub.metrics().events_published.inc();
     }
 
     pub fn get(&self, task_id: &TaskId) -> Option<Task> {

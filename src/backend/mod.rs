@@ -2,6 +2,7 @@
 //! because a networked store answers over the network; the memory backend answers at once.
 
 pub mod memory;
+pub mod redis;
 
 use crate::event::EventId;
 use crate::hub::{Hub, Resume, SubscribeError, Subscription, TaskFilter};
@@ -43,12 +44,39 @@ pub fn idempotency_key(raw: &str) -> Result<String, InvalidIdempotencyKey> {
 
 pub enum Backend {
     Memory(memory::MemoryBackend),
+    /// `--redis-url`: many nodes share one Redis.
+    Redis(redis::RedisBackend),
 }
 
 impl Backend {
     pub fn hub(&self) -> &Arc<Hub> {
         match self {
             Backend::Memory(memory) => memory.hub(),
+            Backend::Redis(redis) => redis.hub(),
+        }
+    }
+
+    /// `Err` names what is wrong when the store cannot serve (for `/healthz`).
+    pub async fn health(&self) -> Result<(), String> {
+        match self {
+            Backend::Memory(_) => Ok(()),
+            Backend::Redis(redis) => redis.health().await,
+        }
+    }
+
+    /// Before serving: waits (bounded) until the backend can tell where live events start.
+    pub async fn started(&self) {
+        match self {
+            Backend::Memory(_) => {}
+            Backend::Redis(redis) => redis.started().await,
+        }
+    }
+
+    /// After the hub is closed: waits for the backend's background tasks to end.
+    pub async fn stopped(&self) {
+        match self {
+            Backend::Memory(_) => {}
+            Backend::Redis(redis) => redis.stopped().await,
         }
     }
 
@@ -62,16 +90,20 @@ impl Backend {
     ) -> Result<Arc<Accepted>, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.update(task_id, patch, idempotency_key)),
+            Backend::Redis(redis) => redis.update(task_id, patch, idempotency_key).await,
         }
     }
 
     pub async fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
         match self {
             Backend::Memory(memory) => memory.delete(task_id),
+            Backend::Redis(redis) => redis.delete(task_id).await,
         }
     }
 
-    /// Starts a subscription for any transport: replay after `resume`, then live, no gap.
+    /// Starts a subscription for any transport: replay after `resume`, then live, no gap. On
+    /// Redis a replay older than the node's ring is read from the stream as the subscription is
+    /// first polled (the hub's history); a live one reads the stream's head first (at most 1 s).
     pub async fn subscribe(
         &self,
         resume: Resume,
@@ -79,18 +111,21 @@ impl Backend {
     ) -> Result<Subscription, SubscribeError> {
         match self {
             Backend::Memory(memory) => memory.hub().subscribe(resume, filter),
+            Backend::Redis(redis) => redis.subscribe(resume, filter).await,
         }
     }
 
     pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),
+            Backend::Redis(redis) => redis.get(task_id).await,
         }
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.snapshot()),
+            Backend::Redis(redis) => redis.snapshot().await,
         }
     }
 }

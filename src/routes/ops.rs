@@ -4,8 +4,14 @@ use crate::app::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+/// `200 {"status":"ok"}`, or `503 {"status":"degraded","error":...}` while the store (Redis) is
+/// unreachable: load balancers read 503 as "send traffic elsewhere".
+pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    match state.backend.health().await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })),
+        Err(error) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "degraded", "error": error })),
+    }
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {

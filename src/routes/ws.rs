@@ -102,7 +102,8 @@ impl Connection {
         match tokio::time::timeout(2 * self.state.keep_alive, self.session.text(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(Stop(None)),
-            Err(_elapsed) => Err(close(CloseCode::Policy, "client is not reading")),
+            // 1011 as for a missed pong: 1008 stays reserved for auth failures.
+            Err(_elapsed) => Err(close(CloseCode::Error, "client is not reading")),
         }
     }
 
@@ -120,7 +121,8 @@ impl Connection {
         match tokio::time::timeout(self.state.keep_alive, self.session.ping(b"")).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(Stop(None)),
-            Err(_elapsed) => Err(close(CloseCode::Policy, "client is not reading")),
+            // 1011 as for a missed pong: 1008 stays reserved for auth failures.
+            Err(_elapsed) => Err(close(CloseCode::Error, "client is not reading")),
         }
     }
 

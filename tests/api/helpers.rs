@@ -1,23 +1,49 @@
 //! The harness: a real `taskstream` process on a random loopback port, and an SSE reader that
 //! keeps the exact bytes of every frame.
+//!
+//! `TASKSTREAM_TEST_BACKEND=redis` runs the same tests on the Redis backend: each `TestServer`
+//! then gets a private `redis-server` (Debian's, from PATH) on a random port.
 
 use futures_util::StreamExt;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long any single awaited thing may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
+/// Whether this run of the suite is on the Redis backend (`TASKSTREAM_TEST_BACKEND=redis`).
+pub fn on_redis() -> bool {
+    std::env::var("TASKSTREAM_TEST_BACKEND").is_ok_and(|backend| backend == "redis")
+}
+
+/// For a test whose sentence only holds in memory: on Redis it says why it skips and answers true.
+pub fn memory_only(reason: &str) -> bool {
+    if on_redis() {
+        loud(&format!("skipped on the Redis backend: {reason}\n"));
+    }
+    on_redis()
+}
+
+/// Writes to stderr past the test harness's capture, so a skip shows even when the test passes.
+fn loud(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
 pub struct TestServer {
     child: Child,
     pub base: String,
     pub client: reqwest::Client,
     logs: Arc<Mutex<String>>,
+    /// On the Redis backend, this server's own Redis (dropped after the server).
+    _redis: Option<RedisServer>,
 }
 
 impl TestServer {
@@ -26,7 +52,31 @@ impl TestServer {
     }
 
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_taskstream"))
+        if on_redis() {
+            assert!(
+                RedisServer::available(),
+                "TASKSTREAM_TEST_BACKEND=redis needs redis-server on PATH (apt-get install redis-server)"
+            );
+            let redis = RedisServer::start(&[]).await;
+            let mut server = Self::spawn(args, env, Some(&redis.url())).await;
+            server._redis = Some(redis);
+            server
+        } else {
+            Self::spawn(args, env, None).await
+        }
+    }
+
+    /// A node on a shared Redis, for the multi-node tests.
+    pub async fn start_on(redis: &RedisServer, args: &[&str]) -> TestServer {
+        Self::spawn(args, &[], Some(&redis.url())).await
+    }
+
+    async fn spawn(args: &[&str], env: &[(&str, &str)], redis_url: Option<&str>) -> TestServer {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_taskstream"));
+        if let Some(url) = redis_url {
+            command.args(["--redis-url", url]);
+        }
+        let mut child = command
             .args(["--bind", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
@@ -74,6 +124,7 @@ impl TestServer {
             base,
             client,
             logs,
+            _redis: None,
         }
     }
 
@@ -218,6 +269,149 @@ impl Drop for TestServer {
     }
 }
 
+/// A private `redis-server` on a random loopback port with its own directory, stopped and removed
+/// when dropped. Without persistence unless a test asks (`--appendonly yes`).
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Whether `redis-server` is on PATH. Missing, it says so loudly, and under `CI=true` (where
+    /// the CI script installs it) its absence fails the test instead.
+    pub fn available() -> bool {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is not installed, and CI=true: install it (apt-get install redis-server)"
+            );
+            loud(
+                "\n==========================================================\n\
+                 redis-server not found: SKIPPING a Redis scale-out test\n\
+                 (apt-get install redis-server to run it)\n\
+                 ==========================================================\n",
+            );
+        }
+        found
+    }
+
+    pub async fn start(extra: &[&str]) -> RedisServer {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "taskstream-redis-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+            args: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        // A port found free can be taken before redis-server binds it: then try another.
+        for _ in 0..5 {
+            redis.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if redis.launch().await {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start; see {}", redis.dir.display());
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on `self.port` and waits until it answers PING; false if it exited.
+    async fn launch(&mut self) -> bool {
+        let port = self.port.to_string();
+        let dir = self.dir.to_str().unwrap().to_owned();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--dir", &dir])
+            .args(["--save", "", "--appendonly", "no", "--logfile", "redis.log"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if self.ping().await {
+                self.child = Some(child);
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server on port {port} did not answer in time");
+    }
+
+    async fn ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut socket) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let mut answer = [0u8; 7];
+        socket.write_all(b"PING\r\n").await.is_ok()
+            && socket.read_exact(&mut answer).await.is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    /// Runs one command with redis-cli (Debian's redis-server package brings it) and answers its
+    /// output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// SIGKILL: no shutdown save, so only what the AOF already holds survives.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (so an AOF is loaded).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        assert!(
+            self.launch().await,
+            "redis-server restarted on {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One SSE frame as received: the exact text and its parsed fields.
 #[derive(Debug, Clone, Default)]
 pub struct Frame {
@@ -283,13 +477,35 @@ impl SseStream {
         }
     }
 
+    fn take_frame(&mut self) -> Option<Frame> {
+        let end = self.buffer.windows(2).position(|w| w == b"\n\n")?;
+        let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+        assert!(!raw.contains(&b'\r'), "frames use LF only: {raw:?}");
+        Some(Frame::parse(String::from_utf8(raw).expect("UTF-8 frame")))
+    }
+
+    /// The next complete frame, or `None` once the connection ends or breaks (its server was
+    /// killed); a frame cut off by the break is dropped, as EventSource does.
+    pub async fn next_frame_until_broken(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.take_frame() {
+                return Some(frame);
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next())
+                .await
+                .expect("a frame or the break in time")
+            {
+                Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     /// The next frame (event, comment or retry), or `None` when the server ended the stream.
     pub async fn next_frame(&mut self) -> Option<Frame> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                assert!(!raw.contains(&b'\r'), "frames use LF only: {raw:?}");
-                return Some(Frame::parse(String::from_utf8(raw).expect("UTF-8 frame")));
+            if let Some(frame) = self.take_frame() {
+                return Some(frame);
             }
             match tokio::time::timeout(PATIENCE, self.body.next())
                 .await

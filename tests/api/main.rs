@@ -4,6 +4,7 @@ mod errors;
 mod events;
 mod helpers;
 mod limits;
+mod redis;
 mod resume;
 mod shutdown;
 mod slow;
