@@ -2,7 +2,7 @@
 /**
  * Test harness for the browser tests: finds Chromium and the taskstream
  * binary, starts servers on random (or given) ports, opens board pages that
- * record every event their EventSource receives.
+ * record every event their EventSource or WebSocket receives.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -206,15 +206,16 @@ export async function serverTasks(base) {
 }
 
 /**
- * Records, before any page script runs, every EventSource the page opens and
- * every event it receives, in window.__ts.
+ * Records, before any page script runs, every EventSource and WebSocket the
+ * page opens, every event they receive and every message a WebSocket sends,
+ * in window.__ts.
  */
-function recordEventSources() {
-  const OrigES = window.EventSource;
-  /** @type {{ urls: string[], events: Array<[string, string]>, errors: string[] }} */
-  const rec = { urls: [], events: [], errors: [] };
+function recordConnections() {
+  /** @type {{ urls: string[], events: Array<[string, string]>, sent: string[], errors: string[] }} */
+  const rec = { urls: [], events: [], sent: [], errors: [] };
   // @ts-ignore: test-only global
   window.__ts = rec;
+  const OrigES = window.EventSource;
   class RecordingEventSource extends OrigES {
     /** @param {string | URL} url @param {EventSourceInit} [init] */
     constructor(url, init) {
@@ -226,6 +227,28 @@ function recordEventSources() {
     }
   }
   window.EventSource = RecordingEventSource;
+  const OrigWS = window.WebSocket;
+  class RecordingWebSocket extends OrigWS {
+    /** @param {string | URL} url @param {string | string[]} [protocols] */
+    constructor(url, protocols) {
+      super(url, protocols);
+      rec.urls.push(String(url));
+      super.addEventListener('message', (e) => {
+        try {
+          const m = JSON.parse(/** @type {MessageEvent} */ (e).data);
+          if (m.type === 'event' || m.type === 'reset') rec.events.push([m.id, m.type === 'reset' ? 'reset' : m.event]);
+        } catch {
+          rec.errors.push(`not JSON: ${String(/** @type {MessageEvent} */ (e).data).slice(0, 100)}`);
+        }
+      });
+    }
+    /** @override @param {string | ArrayBufferLike | Blob | ArrayBufferView} data */
+    send(data) {
+      rec.sent.push(String(data));
+      super.send(data);
+    }
+  }
+  window.WebSocket = RecordingWebSocket;
   window.addEventListener('error', (e) => rec.errors.push(String(e.message)));
 }
 
@@ -246,19 +269,22 @@ export async function openBoard(browser, url, contextOptions = {}, state = 'open
   page.on('console', (msg) => {
     if (msg.type() === 'error') problems.push(`console.error: ${msg.text()}`);
   });
-  await page.addInitScript(recordEventSources);
+  await page.addInitScript(recordConnections);
   await page.goto(url);
   await waitForState(page, state);
   return { page, context, problems };
 }
 
 /**
+ * Waits until the badge shows this state (and, if given, this transport).
  * @param {import('playwright-core').Page} page
  * @param {string} state
  * @param {number} [timeout]
+ * @param {string} [transport] `sse` or `websocket`
  */
-export async function waitForState(page, state, timeout = 10_000) {
-  await page.waitForSelector(`#conn-badge[data-state="${state}"]`, { timeout });
+export async function waitForState(page, state, timeout = 10_000, transport) {
+  const via = transport ? `[data-transport="${transport}"]` : '';
+  await page.waitForSelector(`#conn-badge[data-state="${state}"]${via}`, { timeout });
 }
 
 /**
@@ -297,9 +323,10 @@ export async function waitForBoard(page, expected, timeout = 10_000) {
 }
 
 /**
- * What the page's EventSources recorded.
+ * What the page's EventSources and WebSockets recorded: the URLs they opened,
+ * the [id, type] of every event, and what the WebSockets sent.
  * @param {import('playwright-core').Page} page
- * @returns {Promise<{ urls: string[], events: Array<[string, string]>, errors: string[] }>}
+ * @returns {Promise<{ urls: string[], events: Array<[string, string]>, sent: string[], errors: string[] }>}
  */
 export function recorded(page) {
   // @ts-ignore: test-only global

@@ -1,22 +1,26 @@
 /**
  * The live task board served at `/`: a table of every task, a connection
- * badge, a form that POSTs /update_task, and a log of raw events. All of it
- * runs on one {@link taskBoard} (one EventSource), from the library beside it.
+ * badge, a transport switch (SSE / WebSocket), a form that updates a task,
+ * and a log of raw events. All of it runs on one {@link taskBoard} (one
+ * EventSource or one WebSocket), from the library beside it.
  *
- * The page passes its own `access_token` and `task_id` query parameters on to
- * the library, so `/?task_id=101&access_token=...` works against a server with
- * auth or for one task.
+ * The page reads its own query parameters: `transport` (`sse`, the default,
+ * or `websocket`; the switch rewrites it), `token` (or `access_token`: a JWT
+ * for a server with auth) and `task_id` (only these tasks), so
+ * `/?transport=websocket&token=...&task_id=101` works.
  */
 import './board.css';
+import { Subscription } from 'rxjs';
 import {
   type BoardState,
   type ConnectionState,
   type ServerEvent,
   type Task,
+  type TaskBoard,
   type TaskPatch,
   TaskstreamError,
+  type Transport,
   taskBoard,
-  updateTask,
 } from './taskstream';
 
 const LOG_LINES = 200;
@@ -27,6 +31,13 @@ const BADGE_LABEL: Record<ConnectionState, string> = {
   reconnecting: 'reconnecting',
   closed: 'closed',
 };
+
+const TRANSPORT_LABEL: Record<Transport, string> = { sse: 'SSE', websocket: 'WebSocket' };
+
+/** `?transport=`: `websocket` (or `ws`) or the default, `sse`. */
+function parseTransport(value: string | null): Transport {
+  return value === 'websocket' || value === 'ws' ? 'websocket' : 'sse';
+}
 
 function byId<T extends HTMLElement>(id: string): T {
   const el = document.getElementById(id);
@@ -142,23 +153,33 @@ class TaskTable {
     row.dataset.assignee = task.assignee ?? '';
     // Last, so a test waiting on data-version sees a fully written row.
     row.dataset.version = String(task.version);
-    if (flash) {
-      row.classList.remove('flash');
-      // Restart the highlight animation on a row that changed again.
-      void row.offsetWidth;
-      row.classList.add('flash');
-    }
+    if (flash) this.flash(row);
+  }
+
+  private readonly flashes = new WeakMap<HTMLTableRowElement, Animation>();
+
+  /**
+   * Highlights a changed row. A Web Animation, restarted by cancelling the
+   * previous one: restarting a CSS animation needs a forced layout per event,
+   * about six times the layout and style work of this.
+   */
+  private flash(row: HTMLTableRowElement): void {
+    this.flashes.get(row)?.cancel();
+    if (typeof row.animate !== 'function') return;
+    this.flashes.set(row, row.animate([{ backgroundColor: '#fff3c4' }, { backgroundColor: 'transparent' }], { duration: 1200, easing: 'ease-out' }));
   }
 }
 
 // ---------------------------------------------------------------------------
 // Badge, log, form
 
-function renderBadge(state: ConnectionState): void {
+function renderBadge(state: ConnectionState, transport: Transport): void {
   const badge = byId('conn-badge');
   badge.dataset.state = state;
-  badge.title = `connection: ${state}`;
+  badge.dataset.transport = transport;
+  badge.title = `connection: ${state}, over ${TRANSPORT_LABEL[transport]}`;
   badge.querySelector('.label')!.textContent = BADGE_LABEL[state];
+  badge.querySelector('.via')!.textContent = TRANSPORT_LABEL[transport];
 }
 
 function appendLog(ev: ServerEvent): void {
@@ -171,13 +192,14 @@ function appendLog(ev: ServerEvent): void {
   while (log.childElementCount > LOG_LINES) log.lastElementChild!.remove();
 }
 
-function logError(message: string): void {
+function logLine(className: string, message: string): void {
   const log = byId<HTMLOListElement>('log');
-  const line = el('li', 'log-line log-error', message);
-  log.prepend(line);
+  log.prepend(el('li', `log-line ${className}`, message));
+  while (log.childElementCount > LOG_LINES) log.lastElementChild!.remove();
 }
 
-function wireForm(base: string, accessToken: string | undefined): void {
+/** The form publishes through the board: on its socket when on WebSocket, else POST /update_task. */
+function wireForm(publish: (patch: TaskPatch) => ReturnType<TaskBoard['updateTask']>): void {
   const form = byId<HTMLFormElement>('update-form');
   const result = byId<HTMLOutputElement>('form-result');
   form.addEventListener('submit', (e) => {
@@ -194,12 +216,15 @@ function wireForm(base: string, accessToken: string | undefined): void {
     const button = form.querySelector('button')!;
     button.disabled = true;
     result.className = '';
+    delete result.dataset.via;
     result.textContent = 'sending…';
-    updateTask(base, patch, accessToken ? { accessToken } : {})
+    publish(patch)
       .then(
         (res) => {
           result.className = 'ok';
-          result.textContent = `accepted: task ${res.task.task_id} v${res.task.version} (event ${res.event_id})`;
+          result.dataset.via = res.via;
+          const via = res.via === 'websocket' ? 'over the WebSocket' : 'by POST';
+          result.textContent = `accepted ${via}: task ${res.task.task_id} v${res.task.version} (event ${res.event_id})`;
         },
         (err: unknown) => {
           result.className = 'err';
@@ -216,24 +241,53 @@ function wireForm(base: string, accessToken: string | undefined): void {
 
 function main(): void {
   const params = new URLSearchParams(location.search);
-  const accessToken = params.get('access_token') ?? undefined;
+  const accessToken = params.get('token') || params.get('access_token') || undefined;
   const taskIds = params.getAll('task_id').flatMap((v) => v.split(',')).filter(Boolean);
   const base = '';
-
-  const board = taskBoard(base, {
-    ...(accessToken ? { accessToken } : {}),
-    ...(taskIds.length ? { taskIds } : {}),
-    backoff: { initialDelayMs: 250, maxDelayMs: 10_000 },
-  });
   const table = new TaskTable();
+  const radios = [...document.querySelectorAll<HTMLInputElement>('#transport-switch input[name="transport"]')];
 
-  board.state$.subscribe(renderBadge);
-  board.events$.subscribe(appendLog);
-  board.subscribe({
-    next: (state) => table.render(state),
-    error: (err: unknown) => logError(err instanceof Error ? err.message : String(err)),
-  });
-  wireForm(base, accessToken);
+  let board: TaskBoard | undefined;
+  let running = new Subscription();
+
+  /** Runs the page on a board over this transport; the previous board, if any, closes first. */
+  const start = (transport: Transport) => {
+    // The old board's own 'closed' is not shown: its state$ goes first.
+    running.unsubscribe();
+    running = new Subscription();
+    for (const r of radios) r.checked = r.value === transport;
+    const b = taskBoard(base, {
+      transport,
+      ...(accessToken ? { accessToken } : {}),
+      ...(taskIds.length ? { taskIds } : {}),
+      backoff: { initialDelayMs: 250, maxDelayMs: 10_000 },
+    });
+    board = b;
+    running.add(b.state$.subscribe((s) => renderBadge(s, transport)));
+    running.add(b.events$.subscribe(appendLog));
+    running.add(
+      b.subscribe({
+        // A new board starts with a snapshot: the table reconciles every row with it.
+        next: (state) => table.render(state),
+        error: (err: unknown) => logLine('log-error', err instanceof Error ? err.message : String(err)),
+      }),
+    );
+  };
+
+  for (const radio of radios) {
+    radio.addEventListener('change', () => {
+      if (!radio.checked) return;
+      const transport = parseTransport(radio.value);
+      const url = new URL(location.href);
+      url.searchParams.set('transport', transport);
+      history.replaceState(history.state, '', url);
+      logLine('log-note', `switched to ${TRANSPORT_LABEL[transport]}`);
+      start(transport);
+    });
+  }
+
+  start(parseTransport(params.get('transport')));
+  wireForm((patch) => board!.updateTask(patch));
 }
 
 main();

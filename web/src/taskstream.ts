@@ -1,16 +1,20 @@
 /**
  * RxJS client for taskstream: the `/events` Server-Sent Events stream as a
- * cold Observable ({@link fromEventSource}), its connection state for a status
- * badge ({@link connectionState}), the state of every task kept consistent with
- * a snapshot plus the stream ({@link taskBoard}), and a typed
- * `POST /update_task` ({@link updateTask}).
+ * cold Observable ({@link fromEventSource}), the same events over the `/ws`
+ * WebSocket ({@link fromWebSocket}, and {@link taskSocket} to publish on it
+ * too), their connection state for a status badge ({@link connectionState}),
+ * the state of every task kept consistent with a snapshot plus the stream on
+ * either transport ({@link taskBoard}), and a typed `POST /update_task`
+ * ({@link updateTask}).
  *
- * It depends on nothing but RxJS 7 and the browser's `EventSource` and
- * `fetch` (both injectable, for tests and for other runtimes).
+ * It depends on nothing but RxJS 7 (its `webSocket()` subject for `/ws`) and
+ * the browser's `EventSource`, `WebSocket` and `fetch` (all injectable, for
+ * tests and for other runtimes).
  *
  * @packageDocumentation
  */
-import { BehaviorSubject, Observable, Subject, Subscription, distinctUntilChanged, shareReplay } from 'rxjs';
+import { BehaviorSubject, Observable, Subject, Subscription, type Subscriber, distinctUntilChanged, shareReplay } from 'rxjs';
+import { type WebSocketSubject, webSocket } from 'rxjs/webSocket';
 
 // ---------------------------------------------------------------------------
 // Types
@@ -96,9 +100,9 @@ export interface BackoffOptions {
   factor?: number;
 }
 
-/** Options shared by {@link fromEventSource} and {@link taskBoard}. */
+/** Options shared by {@link fromEventSource}, {@link fromWebSocket}, {@link taskSocket} and {@link taskBoard}. */
 export interface ConnectionOptions {
-  /** A JWT, sent as the `access_token` query parameter (EventSource cannot set headers) and as `Authorization: Bearer` on `fetch`. */
+  /** A JWT, sent as the `access_token` query parameter on `/events` and `/ws` (neither EventSource nor WebSocket can set headers) and as `Authorization: Bearer` on `fetch`. */
   accessToken?: string;
   /** Passed to `EventSource` (and `credentials: 'include'` to `fetch`): send cookies cross-origin. */
   withCredentials?: boolean;
@@ -110,6 +114,8 @@ export interface ConnectionOptions {
   probeTimeoutMs?: number;
   /** The `EventSource` constructor to use. Default `globalThis.EventSource`. */
   EventSource?: EventSourceConstructor;
+  /** The `WebSocket` constructor to use (handed to RxJS `webSocket()`). Default `globalThis.WebSocket`. */
+  WebSocketCtor?: WebSocketConstructor;
   /** The `fetch` to use. Default `globalThis.fetch`. */
   fetch?: typeof fetch;
   /** Random numbers in [0, 1) for the jitter. Default `Math.random`. */
@@ -142,14 +148,20 @@ export interface EventSourceLike {
   close(): void;
 }
 
+/** The `WebSocket` constructor, as RxJS `webSocket()` takes it. */
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocket;
+
 /** The error an Observable of this library fails with, when retrying cannot help. */
 export class TaskstreamError extends Error {
   /** The HTTP status that made it final, if one did. */
   readonly status: number | undefined;
-  constructor(message: string, status?: number) {
+  /** The WebSocket close code that made it final, if one did (1008: auth failure). */
+  readonly closeCode: number | undefined;
+  constructor(message: string, status?: number, closeCode?: number) {
     super(message);
     this.name = 'TaskstreamError';
     this.status = status;
+    this.closeCode = closeCode;
   }
 }
 
@@ -509,6 +521,374 @@ export async function updateTask(
 }
 
 // ---------------------------------------------------------------------------
+// WebSocket: GET /ws
+
+/** Options of {@link fromWebSocket} and {@link taskSocket}. */
+export interface WebSocketOptions extends ConnectionOptions {
+  /** Resume after this event id (`last_event_id` of the first `subscribe`); without it, live events only. */
+  lastEventId?: string;
+  /** Told every connection state change of the socket. */
+  state?: ConnectionStateSink;
+  /** How long {@link TaskSocket.updateTask} waits for its `ack` or `error`, including for the socket to open, ms. Default 10000. */
+  requestTimeoutMs?: number;
+}
+
+/** A message the server sends on `/ws` (see docs/api.md). */
+export type SocketMessage =
+  | { type: 'event'; id: string; event: string; data: unknown }
+  | { type: 'reset'; id: string; event: 'reset'; data: ResetData }
+  | { type: 'ack'; request_id: unknown; event_id: string; task: Task }
+  | { type: 'error'; request_id: unknown; error: string };
+
+/** Options of one {@link TaskSocket.updateTask}. */
+export interface SocketUpdateOptions {
+  /** Sent as `idempotency_key`: a retry with the same key publishes at most once (shared with the `Idempotency-Key` header). */
+  idempotencyKey?: string;
+}
+
+/**
+ * One `/ws` connection: the events it delivers, its state, and publishing on
+ * it. See {@link taskSocket}.
+ */
+export interface TaskSocket {
+  /**
+   * The events, as `{id, type, data}` exactly like {@link fromEventSource}
+   * delivers them. Subscribing opens the socket if it is not open and sends
+   * `subscribe`; all subscribers share the one socket and see the events from
+   * the moment they subscribe; the last unsubscribe closes it (unless an
+   * update is still waiting for its answer). Errors only when retrying cannot
+   * help: close code 1008 (auth), a refused `subscribe`, a message that is not
+   * JSON.
+   */
+  readonly events$: Observable<ServerEvent>;
+  /** The connection state (replays the current one). */
+  readonly state$: Observable<ConnectionState>;
+  /** The current connection state. */
+  readonly state: ConnectionState;
+  /**
+   * Sends `update_task` with a fresh `request_id` (opening the socket for the
+   * time of the request if nobody holds it) and resolves with the matching
+   * `ack` (`{event_id, task}`, as `POST /update_task` answers). Rejects with a
+   * {@link TaskstreamError} on the matching `error`, when the socket closes
+   * before the answer (the update may or may not have been applied: retry
+   * with an `idempotencyKey`), or after `requestTimeoutMs`.
+   */
+  updateTask(patch: TaskPatch, options?: SocketUpdateOptions): Promise<UpdateResult>;
+}
+
+/**
+ * Close codes after which reconnecting cannot help: 1008 (policy: a missing,
+ * invalid or expired token, or a permission refused), 1003 and 1007 (the
+ * server cannot take what this client sends). Everything else, 1011 for a
+ * client the server found unresponsive included, is retried.
+ */
+function isFinalClose(ev: CloseEvent): boolean {
+  return ev.code === 1008 || ev.code === 1003 || ev.code === 1007;
+}
+
+/** `http(s)://` to `ws(s)://`, a relative URL against the page, plus the token. */
+function socketUrl(url: string, options: ConnectionOptions): string {
+  let abs = url;
+  const here = (globalThis as { location?: { href?: string } }).location?.href;
+  if (!/^[a-z][a-z0-9+.-]*:/i.test(abs) && here) abs = new URL(abs, here).href;
+  abs = abs.replace(/^http(s?):/i, 'ws$1:');
+  return withQuery(abs, options.accessToken ? [['access_token', options.accessToken]] : []);
+}
+
+function isEventLike(err: unknown): err is Event {
+  return typeof err === 'object' && err !== null && typeof (err as { type?: unknown }).type === 'string' && !(err instanceof Error);
+}
+
+/**
+ * One WebSocket on `url` (`/ws`), built on RxJS `webSocket()`, that
+ * reconnects by itself and publishes.
+ *
+ * - Opens while {@link TaskSocket.events$} has subscribers or an update waits
+ *   for its answer; each open sends `{"type":"subscribe"}` (when events are
+ *   wanted) with `options.taskIds` as `task_ids` and the last event id seen
+ *   (first `options.lastEventId`) as `last_event_id`, so the server replays
+ *   what was missed or sends `reset`.
+ * - When the socket closes (1001 shutdown, 1011 missed pongs, 1013 too many
+ *   subscribers, a network error, a server that is not there) it reconnects
+ *   after a jittered exponential backoff (`options.backoff`; reset by an open
+ *   that is not at once closed with 1013). Close codes 1008 (auth), 1003 and
+ *   1007, a refused `subscribe` and a message that is not JSON are final: the
+ *   events error with a {@link TaskstreamError}.
+ * - The token goes as the `access_token` query parameter.
+ *
+ * @example
+ * ```ts
+ * const socket = taskSocket('/ws', { taskIds: [101] });
+ * socket.events$.subscribe(ev => console.log(ev.id, ev.type, ev.data));
+ * const { task } = await socket.updateTask({ task_id: 101, status: 'done' });
+ * ```
+ */
+export function taskSocket(url: string, options: WebSocketOptions = {}): TaskSocket {
+  const tracker = connectionState('closed');
+  const random = options.random ?? Math.random;
+  const requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+  const subscribers = new Set<Subscriber<ServerEvent>>();
+
+  /** One connection attempt: one RxJS WebSocketSubject, one socket. */
+  interface Attempt {
+    subject: WebSocketSubject<unknown>;
+    /** Unset while `subscribe()` runs: RxJS reports a throwing constructor synchronously. */
+    sub: Subscription | undefined;
+    open: boolean;
+    subscribeId: string | undefined;
+  }
+  interface Request {
+    message: Record<string, unknown>;
+    sentOn: Attempt | undefined;
+    resolve: (result: UpdateResult) => void;
+    reject: (error: TaskstreamError) => void;
+    timer: ReturnType<typeof setTimeout>;
+  }
+  const requests = new Map<string, Request>();
+
+  let lastEventId = options.lastEventId;
+  let seq = 0;
+  let current: Attempt | undefined;
+  let retryTimer: ReturnType<typeof setTimeout> | undefined;
+  let failures = 0;
+  let everOpened = false;
+  let lastState: ConnectionState | undefined;
+
+  const report = (state: ConnectionState) => {
+    if (state === lastState) return;
+    lastState = state;
+    tracker.next(state);
+    options.state?.next(state);
+  };
+
+  const running = () => current !== undefined || retryTimer !== undefined;
+  const wanted = () => subscribers.size > 0 || requests.size > 0;
+
+  /** Opens or closes the socket to match whether anybody needs it. */
+  const sync = () => {
+    if (wanted() && !running()) {
+      failures = 0;
+      everOpened = false;
+      connect();
+    } else if (!wanted() && running()) {
+      stop();
+    }
+  };
+
+  const stop = () => {
+    if (retryTimer !== undefined) clearTimeout(retryTimer);
+    retryTimer = undefined;
+    const attempt = current;
+    current = undefined;
+    attempt?.sub?.unsubscribe(); // RxJS closes the socket
+    report('closed');
+  };
+
+  const settle = (id: string, outcome: { ok: UpdateResult } | { err: TaskstreamError }) => {
+    const req = requests.get(id);
+    if (!req) return;
+    requests.delete(id);
+    clearTimeout(req.timer);
+    if ('ok' in outcome) req.resolve(outcome.ok);
+    else req.reject(outcome.err);
+  };
+
+  const send = (attempt: Attempt, message: Record<string, unknown>) => attempt.subject.next(message);
+
+  const sendSubscribe = (attempt: Attempt) => {
+    const id = `s${++seq}`;
+    attempt.subscribeId = id;
+    const message: Record<string, unknown> = { type: 'subscribe', request_id: id };
+    if (options.taskIds?.length) message.task_ids = [...options.taskIds];
+    if (lastEventId !== undefined) message.last_event_id = lastEventId;
+    send(attempt, message);
+  };
+
+  /** Final: every subscriber errors, every waiting update is rejected, the socket closes. */
+  const fail = (error: TaskstreamError) => {
+    const subs = [...subscribers];
+    subscribers.clear();
+    for (const id of [...requests.keys()]) settle(id, { err: error });
+    stop();
+    for (const s of subs) s.error(error);
+  };
+
+  const onMessage = (attempt: Attempt, msg: SocketMessage) => {
+    switch (msg.type) {
+      case 'event':
+      case 'reset': {
+        // Events that arrive while nobody listens (a socket kept open for an
+        // update) are not ours to skip past: the next subscribe resumes before them.
+        if (subscribers.size === 0) return;
+        lastEventId = msg.id;
+        const ev: ServerEvent = { id: msg.id, type: msg.type === 'reset' ? 'reset' : msg.event, data: msg.data };
+        for (const s of [...subscribers]) s.next(ev);
+        return;
+      }
+      case 'ack':
+        if (typeof msg.request_id === 'string') settle(msg.request_id, { ok: { event_id: msg.event_id, task: msg.task } });
+        sync();
+        return;
+      case 'error':
+        if (msg.request_id !== null && msg.request_id === attempt.subscribeId) {
+          fail(new TaskstreamError(`subscribe refused: ${msg.error}`));
+          return;
+        }
+        if (typeof msg.request_id === 'string' && requests.has(msg.request_id)) {
+          settle(msg.request_id, { err: new TaskstreamError(`update_task refused: ${msg.error}`) });
+          sync();
+        }
+        // An error for no request of ours (request_id null): nothing waits for it.
+        return;
+      default:
+        // A message type this client does not know: newer servers may add some.
+        return;
+    }
+  };
+
+  const onEnd = (attempt: Attempt, err: unknown, close: CloseEvent | undefined) => {
+    if (current !== attempt) return;
+    current = undefined;
+    attempt.sub?.unsubscribe();
+    const closed = close ? `closed with ${close.code}${close.reason ? `: ${close.reason}` : ''}` : 'failed';
+    if (err instanceof TaskstreamError) return fail(err);
+    if (close && isFinalClose(close)) return fail(new TaskstreamError(`WebSocket ${closed}`, undefined, close.code));
+    if (!close && err !== undefined && !isEventLike(err)) {
+      // The constructor threw (an invalid URL, a blocked port): no retry helps.
+      return fail(new TaskstreamError(`cannot open a WebSocket on ${url}: ${err instanceof Error ? err.message : String(err)}`));
+    }
+    for (const [id, req] of [...requests]) {
+      if (req.sentOn === attempt) {
+        settle(id, {
+          err: new TaskstreamError(`WebSocket ${closed} before update_task was answered; it may or may not have been applied (retry with an idempotency key)`),
+        });
+      }
+    }
+    if (!wanted()) return stop();
+    // An open resets the backoff, unless the server closed it at once for being full.
+    if (attempt.open && close?.code !== 1013) failures = 0;
+    const delay = backoffDelay(failures, options.backoff, random);
+    failures += 1;
+    report('reconnecting');
+    retryTimer = setTimeout(connect, delay);
+  };
+
+  const deserializer = (e: MessageEvent): unknown => {
+    let msg: unknown;
+    try {
+      msg = JSON.parse(e.data as string);
+    } catch {
+      throw new TaskstreamError(`unparseable message on ${url}: ${String(e.data).slice(0, 100)}`);
+    }
+    const m = msg as { type?: unknown; id?: unknown } | null;
+    if (!m || typeof m !== 'object' || typeof m.type !== 'string' || ((m.type === 'event' || m.type === 'reset') && typeof m.id !== 'string')) {
+      throw new TaskstreamError(`unexpected message on ${url}: ${String(e.data).slice(0, 100)}`);
+    }
+    return msg;
+  };
+
+  const connect = () => {
+    retryTimer = undefined;
+    const Ctor = options.WebSocketCtor ?? (globalThis.WebSocket as WebSocketConstructor | undefined);
+    if (!Ctor) {
+      fail(new TaskstreamError('WebSocket is not available in this runtime; pass options.WebSocketCtor'));
+      return;
+    }
+    report(everOpened || failures > 0 ? 'reconnecting' : 'connecting');
+    let close: CloseEvent | undefined;
+    const attempt = { open: false, subscribeId: undefined, sub: undefined } as Attempt;
+    attempt.subject = webSocket<unknown>({
+      url: socketUrl(url, options),
+      WebSocketCtor: Ctor,
+      deserializer,
+      openObserver: {
+        next: () => {
+          if (current !== attempt) return;
+          attempt.open = true;
+          everOpened = true;
+          report('open');
+          if (subscribers.size > 0) sendSubscribe(attempt);
+          for (const req of requests.values()) {
+            if (req.sentOn) continue;
+            req.sentOn = attempt;
+            send(attempt, req.message);
+          }
+        },
+      },
+      closeObserver: { next: (ev) => (close = ev) },
+    });
+    current = attempt;
+    attempt.sub = attempt.subject.subscribe({
+      next: (msg) => {
+        if (current === attempt) onMessage(attempt, msg as SocketMessage);
+      },
+      // RxJS: a clean close completes, an unclean one (or a socket error) errors.
+      error: (err: unknown) => onEnd(attempt, err, close),
+      complete: () => onEnd(attempt, undefined, close),
+    });
+  };
+
+  const events$ = new Observable<ServerEvent>((subscriber) => {
+    subscribers.add(subscriber);
+    sync();
+    // Joining a socket that is already open (held by an update): subscribe now.
+    if (subscribers.size === 1 && current?.open && current.subscribeId === undefined) sendSubscribe(current);
+    return () => {
+      subscribers.delete(subscriber);
+      // A socket kept open for an update goes on delivering; the next
+      // subscriber sends subscribe again, from the last id delivered.
+      if (subscribers.size === 0 && current) current.subscribeId = undefined;
+      sync();
+    };
+  });
+
+  const updateTask = (patch: TaskPatch, opts: SocketUpdateOptions = {}) =>
+    new Promise<UpdateResult>((resolve, reject) => {
+      const id = `u${++seq}`;
+      const message: Record<string, unknown> = { ...patch, type: 'update_task', request_id: id };
+      if (opts.idempotencyKey) message.idempotency_key = opts.idempotencyKey;
+      const timer = setTimeout(() => {
+        settle(id, { err: new TaskstreamError(`no answer to update_task within ${requestTimeoutMs} ms`) });
+        sync();
+      }, requestTimeoutMs);
+      const req: Request = { message, sentOn: undefined, resolve, reject, timer };
+      requests.set(id, req);
+      sync();
+      if (current?.open && requests.has(id)) {
+        req.sentOn = current;
+        send(current, message);
+      }
+    });
+
+  return {
+    events$,
+    state$: tracker.state$,
+    get state() {
+      return tracker.value;
+    },
+    updateTask,
+  };
+}
+
+/**
+ * A cold Observable of the events of a `/ws` endpoint, the WebSocket twin of
+ * {@link fromEventSource}: the same `{id, type, data}` events, the same
+ * connection states (`options.state`), the same resume with the last id seen
+ * after a reconnect (jittered exponential backoff), the same `taskIds` filter
+ * and `accessToken` (as the `access_token` query parameter). Each subscription
+ * opens its own socket ({@link taskSocket}); unsubscribing closes it.
+ *
+ * @example
+ * ```ts
+ * fromWebSocket<TaskUpdatedData>('/ws', { taskIds: [101], lastEventId: '41' })
+ *   .subscribe(ev => console.log(ev.id, ev.type, ev.data.status));
+ * ```
+ */
+export function fromWebSocket<T = unknown>(url: string, options: WebSocketOptions = {}): Observable<ServerEvent<T>> {
+  return new Observable<ServerEvent<T>>((subscriber) => taskSocket(url, options).events$.subscribe(subscriber as Subscriber<ServerEvent>));
+}
+
+// ---------------------------------------------------------------------------
 // taskBoard
 
 /** What changed in the last {@link BoardState} emission. */
@@ -527,15 +907,41 @@ export interface BoardState {
   readonly change: BoardChange;
 }
 
+/** How a {@link taskBoard} receives events: `/events` (Server-Sent Events) or `/ws` (WebSocket). */
+export type Transport = 'sse' | 'websocket';
+
+/** Options of {@link taskBoard}. */
+export interface BoardOptions extends ConnectionOptions {
+  /** `sse` (default): `/events` through {@link fromEventSource}; `websocket`: `/ws` through {@link taskSocket}. */
+  transport?: Transport;
+  /** For `websocket`: how long an update sent on the socket waits for its answer, ms. Default 10000. */
+  requestTimeoutMs?: number;
+}
+
+/** The answer of {@link TaskBoard.updateTask}: the server's, plus the way it went. */
+export interface BoardUpdateResult extends UpdateResult {
+  /** `websocket`: sent as `update_task` on the board's open socket; `http`: `POST /update_task`. */
+  via: 'websocket' | 'http';
+}
+
 /**
  * The state of all tasks, as a shared Observable, plus the connection state
  * and raw events of the one connection behind it.
  */
 export interface TaskBoard extends Observable<BoardState> {
+  /** The transport the board's events come over. */
+  readonly transport: Transport;
   /** The connection state of the board's stream (`closed` while nobody subscribes). */
   readonly state$: Observable<ConnectionState>;
   /** Every event the board receives, as it arrives (only while the board is subscribed). */
   readonly events$: Observable<ServerEvent>;
+  /**
+   * Creates or updates a task: as `update_task` on the board's own socket when
+   * the transport is `websocket` and the socket is open, else as
+   * `POST /update_task` (so it never waits for a reconnect). Rejects with a
+   * {@link TaskstreamError} carrying the server's message.
+   */
+  updateTask(patch: TaskPatch, options?: { idempotencyKey?: string }): Promise<BoardUpdateResult>;
 }
 
 function stripEvent(data: TaskUpdatedData): Task {
@@ -546,11 +952,12 @@ function stripEvent(data: TaskUpdatedData): Task {
 /**
  * The state of all tasks as an Observable.
  *
- * It loads `GET /tasks`, subscribes to `/events` from the snapshot's
- * `last_event_id` (`0`, "from the start", when it is null) so that nothing
- * falls between snapshot and stream, and applies events in order: a
- * `task_updated` older than or as old as the task's current version is ignored;
- * on `reset` it reloads the snapshot and resubscribes from the new id.
+ * It loads `GET /tasks`, subscribes to `/events` (or, with
+ * `transport: 'websocket'`, to `/ws`) from the snapshot's `last_event_id`
+ * (`0`, "from the start", when it is null) so that nothing falls between
+ * snapshot and stream, and applies events in order: a `task_updated` older
+ * than or as old as the task's current version is ignored; on `reset` it
+ * closes the stream, reloads the snapshot and resubscribes from the new id.
  * A failed snapshot load is retried like the stream; 4xx answers are final.
  *
  * The result is shared (`shareReplay` with `refCount`): any number of UI
@@ -564,7 +971,10 @@ function stripEvent(data: TaskUpdatedData): Task {
  * board.state$.subscribe(s => (badge.textContent = s));
  * ```
  */
-export function taskBoard(baseUrl: string, options: ConnectionOptions = {}): TaskBoard {
+export function taskBoard(baseUrl: string, options: BoardOptions = {}): TaskBoard {
+  const transport: Transport = options.transport ?? 'sse';
+  /** The socket of the current stream, when on `websocket`: the board publishes on it. */
+  let socket: TaskSocket | undefined;
   const state = connectionState('closed');
   const events = new Subject<ServerEvent>();
   const random = options.random ?? Math.random;
@@ -655,8 +1065,19 @@ export function taskBoard(baseUrl: string, options: ConnectionOptions = {}): Tas
       // can still unsubscribe it.
       const sub = new Subscription();
       stream = sub;
+      let events$: Observable<ServerEvent>;
+      if (transport === 'websocket') {
+        const s = taskSocket(joinUrl(baseUrl, '/ws'), { ...options, lastEventId: from, state: innerState });
+        socket = s;
+        sub.add(() => {
+          if (socket === s) socket = undefined;
+        });
+        events$ = s.events$;
+      } else {
+        events$ = fromEventSource(joinUrl(baseUrl, '/events'), { ...options, lastEventId: from, state: innerState });
+      }
       sub.add(
-        fromEventSource(joinUrl(baseUrl, '/events'), { ...options, lastEventId: from, state: innerState }).subscribe({
+        events$.subscribe({
           next: (ev) => {
             events.next(ev);
             if (ev.type === 'reset') {
@@ -685,6 +1106,16 @@ export function taskBoard(baseUrl: string, options: ConnectionOptions = {}): Tas
     };
   });
 
+  const publish = async (patch: TaskPatch, opts: { idempotencyKey?: string } = {}): Promise<BoardUpdateResult> => {
+    const s = socket;
+    if (s && s.state === 'open') return { ...(await s.updateTask(patch, opts)), via: 'websocket' };
+    const httpOptions: Parameters<typeof updateTask>[2] = { ...opts };
+    if (options.accessToken) httpOptions.accessToken = options.accessToken;
+    if (options.withCredentials) httpOptions.withCredentials = options.withCredentials;
+    if (options.fetch) httpOptions.fetch = options.fetch;
+    return { ...(await updateTask(baseUrl, patch, httpOptions)), via: 'http' };
+  };
+
   const shared = source.pipe(shareReplay({ bufferSize: 1, refCount: true }));
-  return Object.assign(shared, { state$: state.state$, events$: events.asObservable() });
+  return Object.assign(shared, { transport, state$: state.state$, events$: events.asObservable(), updateTask: publish });
 }

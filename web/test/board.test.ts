@@ -1,11 +1,13 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { type BoardState, type ConnectionState, type ServerEvent, type Task, TaskstreamError, taskBoard, updateTask } from '../src/taskstream';
-import { FakeEventSource, fakeFetch, json, networkError } from './fakes';
+import { FakeEventSource, FakeWebSocket, fakeFetch, json, networkError, wsEvent, wsReset } from './fakes';
 
 const ES = FakeEventSource as unknown as never;
+const WS = FakeWebSocket as unknown as never;
 
 beforeEach(() => {
   FakeEventSource.reset();
+  FakeWebSocket.reset();
   vi.useFakeTimers();
 });
 afterEach(() => {
@@ -168,6 +170,160 @@ describe('taskBoard', () => {
     expect(es.params.getAll('task_id')).toEqual(['101']);
     es.emit('task_updated', '2', updated(task(102, 2))); // not ours: ignored even if sent
     expect(view()).toEqual({ '101': 1 });
+    sub.unsubscribe();
+  });
+});
+
+describe('taskBoard over WebSocket', () => {
+  const wsBoard = (fetch: ReturnType<typeof fakeFetch>, extra: Parameters<typeof taskBoard>[1] = {}) =>
+    taskBoard('http://h:1', { transport: 'websocket', EventSource: ES, WebSocketCtor: WS, fetch, random: () => 0, ...extra });
+
+  it('loads the snapshot, then opens /ws and subscribes from its last_event_id', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '41', tasks: [task(101, 3)] }) });
+    const board = wsBoard(fetch);
+    expect(board.transport).toBe('websocket');
+    const { sub, view } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(view()).toEqual({ '101': 3 });
+    expect(FakeEventSource.instances).toHaveLength(0);
+    const ws = FakeWebSocket.last;
+    expect(ws.url).toBe('ws://h:1/ws');
+    ws.open();
+    expect(ws.sent).toEqual([{ type: 'subscribe', request_id: expect.any(String), last_event_id: '41' }]);
+    ws.receive(wsEvent('42', updated(task(101, 4, { status: 'done' }))));
+    ws.receive(wsEvent('43', updated(task(101, 4, { status: 'dup' })))); // same version: ignored
+    expect(view()).toEqual({ '101': 4 });
+    sub.unsubscribe();
+    expect(ws.closedByClient).toBe(true);
+  });
+
+  it('subscribes from "0" when no event was published yet', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: null, tasks: [] }) });
+    const { sub } = watch(wsBoard(fetch));
+    await vi.advanceTimersByTimeAsync(0);
+    FakeWebSocket.last.open();
+    expect(FakeWebSocket.last.sentOf('subscribe')[0]!.last_event_id).toBe('0');
+    sub.unsubscribe();
+  });
+
+  it('on reset, closes the socket, reloads the snapshot and subscribes on a new socket from the new id', async () => {
+    const fetch = fakeFetch({
+      '/tasks': [
+        () => json(200, { last_event_id: '5', tasks: [task(1, 1), task(2, 1)] }),
+        () => json(200, { last_event_id: '90', tasks: [task(1, 7)] }),
+      ],
+    });
+    const board = wsBoard(fetch);
+    const raw: ServerEvent[] = [];
+    board.events$.subscribe((e) => raw.push(e));
+    const { sub, view } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    const first = FakeWebSocket.last;
+    first.open();
+    first.receive(wsReset('88'));
+    first.receive(wsEvent('89', updated(task(2, 5)))); // after the reset, from the old socket: not applied
+    expect(first.closedByClient).toBe(true);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(view()).toEqual({ '1': 7 });
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    FakeWebSocket.last.open();
+    expect(FakeWebSocket.last.sentOf('subscribe')[0]!.last_event_id).toBe('90');
+    expect(raw.map((e) => e.type)).toEqual(['reset']);
+    sub.unsubscribe();
+  });
+
+  it('resumes on a dropped socket from the last event applied, and reports the state', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [] }) });
+    const board = wsBoard(fetch, { backoff: { initialDelayMs: 100 } });
+    const seen: ConnectionState[] = [];
+    board.state$.subscribe((s) => seen.push(s));
+    const { sub, view } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    FakeWebSocket.last.open();
+    FakeWebSocket.last.receive(wsEvent('2', updated(task(7, 1))));
+    FakeWebSocket.last.closeFromServer(1001, 'server shutting down');
+    await vi.advanceTimersByTimeAsync(50);
+    FakeWebSocket.last.open();
+    expect(FakeWebSocket.last.sentOf('subscribe')[0]!.last_event_id).toBe('2');
+    FakeWebSocket.last.receive(wsEvent('3', updated(task(7, 2))));
+    expect(view()).toEqual({ '7': 2 });
+    expect(fetch).toHaveBeenCalledTimes(1); // no reload needed
+    sub.unsubscribe();
+    expect(seen).toEqual(['closed', 'connecting', 'open', 'reconnecting', 'open', 'closed']);
+  });
+
+  it('is shared: many subscribers, one snapshot load and one socket', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [] }) });
+    const board = wsBoard(fetch);
+    const a = watch(board);
+    const b = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    expect(fetch).toHaveBeenCalledTimes(1);
+    a.sub.unsubscribe();
+    b.sub.unsubscribe();
+    expect(FakeWebSocket.last.closedByClient).toBe(true);
+  });
+
+  it('sends the token as Bearer to /tasks and as access_token to /ws, and the filter as task_ids', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [task(101, 1), task(102, 1)] }) });
+    const { sub, view } = watch(wsBoard(fetch, { accessToken: 'T', taskIds: ['101'] }));
+    await vi.advanceTimersByTimeAsync(0);
+    expect(new Headers((fetch.mock.calls[0]![1] as RequestInit).headers).get('authorization')).toBe('Bearer T');
+    expect(view()).toEqual({ '101': 1 });
+    const ws = FakeWebSocket.last;
+    expect(ws.params.get('access_token')).toBe('T');
+    ws.open();
+    expect(ws.sentOf('subscribe')[0]!.task_ids).toEqual(['101']);
+    ws.receive(wsEvent('2', updated(task(102, 2)))); // not ours: ignored even if sent
+    expect(view()).toEqual({ '101': 1 });
+    sub.unsubscribe();
+  });
+
+  it('fails the board on close 1008', async () => {
+    const fetch = fakeFetch({ '/tasks': () => json(200, { last_event_id: '1', tasks: [] }) });
+    const { error } = watch(wsBoard(fetch));
+    await vi.advanceTimersByTimeAsync(0);
+    FakeWebSocket.last.open();
+    FakeWebSocket.last.closeFromServer(1008, 'token expired');
+    expect((error() as TaskstreamError).closeCode).toBe(1008);
+  });
+
+  it('updateTask goes over the open socket, and over POST while it is not open', async () => {
+    const fetch = fakeFetch({
+      '/tasks': () => json(200, { last_event_id: '1', tasks: [] }),
+      '/update_task': () => json(202, { event_id: '3', task: task(9, 2) }),
+    });
+    const board = wsBoard(fetch, { accessToken: 'T' });
+    const { sub } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    // not open yet: POST, with the token
+    await expect(board.updateTask({ task_id: 9 })).resolves.toEqual({ event_id: '3', task: task(9, 2), via: 'http' });
+    const post = fetch.mock.calls.find(([url]) => String(url).endsWith('/update_task'))!;
+    expect(new Headers((post[1] as RequestInit).headers).get('authorization')).toBe('Bearer T');
+    const ws = FakeWebSocket.last;
+    ws.open();
+    const p = board.updateTask({ task_id: 9, status: 'x' }, { idempotencyKey: 'k' });
+    const msg = ws.sentOf('update_task')[0]!;
+    expect(msg).toMatchObject({ task_id: 9, status: 'x', idempotency_key: 'k' });
+    ws.receive({ type: 'ack', request_id: msg.request_id, event_id: '4', task: task(9, 3) });
+    await expect(p).resolves.toEqual({ event_id: '4', task: task(9, 3), via: 'websocket' });
+    sub.unsubscribe();
+  });
+});
+
+describe('taskBoard over SSE', () => {
+  it('updateTask POSTs', async () => {
+    const fetch = fakeFetch({
+      '/tasks': () => json(200, { last_event_id: '1', tasks: [] }),
+      '/update_task': () => json(202, { event_id: '3', task: task(9, 2) }),
+    });
+    const board = taskBoard('', { EventSource: ES, fetch });
+    expect(board.transport).toBe('sse');
+    const { sub } = watch(board);
+    await vi.advanceTimersByTimeAsync(0);
+    FakeEventSource.last.open();
+    await expect(board.updateTask({ task_id: 9 })).resolves.toMatchObject({ event_id: '3', via: 'http' });
     sub.unsubscribe();
   });
 });

@@ -113,3 +113,98 @@ export function eventStream(): Response {
 export function networkError(): never {
   throw new TypeError('fetch failed');
 }
+
+/**
+ * A WebSocket whose server side is the test: open(), receive(), closeFromServer(),
+ * fail(). What the client sends is in `sent`, parsed. It is handed to RxJS
+ * webSocket() as its WebSocketCtor, so it has the parts RxJS uses.
+ */
+export class FakeWebSocket {
+  static readonly CONNECTING = 0;
+  static readonly OPEN = 1;
+  static readonly CLOSING = 2;
+  static readonly CLOSED = 3;
+  static instances: FakeWebSocket[] = [];
+
+  static reset(): void {
+    FakeWebSocket.instances = [];
+  }
+
+  static get last(): FakeWebSocket {
+    const ws = FakeWebSocket.instances.at(-1);
+    if (!ws) throw new Error('no WebSocket was created');
+    return ws;
+  }
+
+  readyState = FakeWebSocket.CONNECTING;
+  binaryType = 'blob';
+  onopen: ((ev: Event) => void) | null = null;
+  onclose: ((ev: CloseEvent) => void) | null = null;
+  onerror: ((ev: Event) => void) | null = null;
+  onmessage: ((ev: MessageEvent) => void) | null = null;
+  /** Every message the client sent, parsed. */
+  readonly sent: Array<Record<string, unknown>> = [];
+  /** Set when the client closed it. */
+  closedByClient = false;
+
+  constructor(
+    readonly url: string,
+    readonly protocols?: string | string[],
+  ) {
+    FakeWebSocket.instances.push(this);
+  }
+
+  get params(): URLSearchParams {
+    return new URL(this.url, 'ws://test.invalid').searchParams;
+  }
+
+  /** The messages sent of one type. */
+  sentOf(type: string): Array<Record<string, unknown>> {
+    return this.sent.filter((m) => m.type === type);
+  }
+
+  send(data: string): void {
+    if (this.readyState !== FakeWebSocket.OPEN) throw new Error('send on a socket that is not open');
+    this.sent.push(JSON.parse(data) as Record<string, unknown>);
+  }
+
+  /** The client closes: like a browser, the close event comes later (a microtask here). */
+  close(code?: number, reason?: string): void {
+    if (this.readyState === FakeWebSocket.CLOSED) return;
+    this.closedByClient = true;
+    this.readyState = FakeWebSocket.CLOSED;
+    queueMicrotask(() => this.onclose?.(closeEvent(code ?? 1005, reason ?? '', true)));
+  }
+
+  open(): void {
+    this.readyState = FakeWebSocket.OPEN;
+    this.onopen?.(new Event('open'));
+  }
+
+  /** One text frame from the server (objects are JSON-encoded). */
+  receive(message: unknown): void {
+    const data = typeof message === 'string' ? message : JSON.stringify(message);
+    this.onmessage?.({ type: 'message', data } as MessageEvent);
+  }
+
+  /** The server ends the connection with a close frame: a clean close. */
+  closeFromServer(code: number, reason = ''): void {
+    this.readyState = FakeWebSocket.CLOSED;
+    this.onclose?.(closeEvent(code, reason, true));
+  }
+
+  /** A connection that fails (refused, or dropped without a close frame): error, then close 1006. */
+  fail(): void {
+    this.readyState = FakeWebSocket.CLOSED;
+    this.onerror?.(new Event('error'));
+    this.onclose?.(closeEvent(1006, '', false));
+  }
+}
+
+function closeEvent(code: number, reason: string, wasClean: boolean): CloseEvent {
+  return { type: 'close', code, reason, wasClean } as CloseEvent;
+}
+
+/** Server messages of /ws. */
+export const wsEvent = (id: string, data: { event: string } & Record<string, unknown>) => ({ type: 'event', id, event: data.event, data });
+export const wsReset = (id: string, reason = 'gone') => ({ type: 'reset', id, event: 'reset', data: { event: 'reset', last_event_id: id, reason } });
