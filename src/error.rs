@@ -24,6 +24,25 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// No token, or one that is malformed, expired or wrongly signed. `invalid_token` tells a
+    /// client with a token that it must get a new one (RFC 6750's `error="invalid_token"`).
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        invalid_token: bool,
+    },
+    /// A valid token that does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("the request head is larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("the request body did not arrive within {0} seconds")]
+    RequestTimeout(u64),
 }
 
 impl ResponseError for ApiError {
@@ -35,6 +54,11 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -46,8 +70,38 @@ impl ResponseError for ApiError {
             }
             ApiError::Unavailable {
                 retry_after_secs, ..
+            }
+            | ApiError::TooManyRequests {
+                retry_after_secs, ..
             } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Unauthorized {
+                message,
+                invalid_token,
+            } => {
+                // RFC 6750: no error code when no token was sent; `invalid_token` otherwise. The
+                // description never contains the token; it is cut to what a quoted-string in a
+                // header may hold, since an invalid header value would turn this into a 500.
+                let challenge = if *invalid_token {
+                    let description: String = message
+                        .chars()
+                        .filter(|c| (c.is_ascii_graphic() || *c == ' ') && !matches!(c, '"' | '\\'))
+                        .take(200)
+                        .collect();
+                    format!(
+                        r#"Bearer realm="taskstream", error="invalid_token", error_description="{description}""#
+                    )
+                } else {
+                    r#"Bearer realm="taskstream""#.to_owned()
+                };
+                response.insert_header((header::WWW_AUTHENTICATE, challenge));
+            }
+            ApiError::Forbidden(_) => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    r#"Bearer realm="taskstream", error="insufficient_scope""#,
+                ));
             }
             _ => {}
         }

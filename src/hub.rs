@@ -1,12 +1,14 @@
 //! Fan-out: one broadcast channel of shared events; each subscription replays, then goes live with
 //! no gap, and recovers from lag through the ring buffer or by a `reset`, never by skipping.
 
+use crate::auth::Patterns;
 use crate::event::{Event, EventId};
 use crate::metrics::Metrics;
 use crate::ring::{ResetReason, Ring};
 use crate::task::TaskId;
 use futures_util::{Stream, StreamExt};
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,8 +28,37 @@ pub enum Resume {
     Malformed,
 }
 
-/// Only these tasks' events reach the subscriber; `None` means all tasks.
-pub type TaskFilter = Option<Arc<HashSet<TaskId>>>;
+/// Which events reach a subscriber, and until when. Applied inside the `Subscription`, to replay,
+/// live events and catch-up alike, so every transport gets the same rules.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// The tasks the client asked for (`?task_id=`); `None`: all.
+    pub ids: Option<Arc<HashSet<TaskId>>>,
+    /// The tasks its token may see; `None` when auth is off. Intersected with `ids`.
+    pub patterns: Option<Patterns>,
+    /// When its token expires: the subscription ends then, between two deliveries.
+    pub until: Option<tokio::time::Instant>,
+}
+
+impl TaskFilter {
+    /// Every task, for ever.
+    pub fn all() -> TaskFilter {
+        TaskFilter::default()
+    }
+
+    /// Only these tasks (all when the set is empty).
+    pub fn ids(ids: HashSet<TaskId>) -> TaskFilter {
+        TaskFilter {
+            ids: (!ids.is_empty()).then(|| Arc::new(ids)),
+            ..TaskFilter::default()
+        }
+    }
+
+    pub fn allows(&self, task_id: &TaskId) -> bool {
+        self.ids.as_ref().is_none_or(|ids| ids.contains(task_id))
+            && self.patterns.as_ref().is_none_or(|p| p.matches(task_id))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -122,6 +153,9 @@ impl Hub {
         drop(inner);
         self.metrics.subscribers.inc();
         Ok(Subscription {
+            expiry: filter
+                .until
+                .map(|until| Box::pin(tokio::time::sleep_until(until))),
             hub: self.clone(),
             live,
             backlog,
@@ -175,14 +209,13 @@ pub struct Subscription {
     /// below it are duplicates of the backlog.
     last_id: EventId,
     filter: TaskFilter,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: SubscriberSlot,
 }
 
 impl Subscription {
     fn wants(&self, event: &Event) -> bool {
-        self.filter
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&event.task_id))
+        self.filter.allows(&event.task_id)
     }
 
     /// After a lag, refills the backlog from the ring, or turns into a reset when the ring no
@@ -203,6 +236,13 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = self.get_mut();
+        // Checked before every delivery: once the token has expired nothing more goes out, and
+        // the stream ends between two complete deliveries.
+        if let Some(expiry) = &mut this.expiry {
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
         loop {
             if let Some((newest, reason)) = this.pending_reset.take() {
                 this.hub.metrics.resets.inc();
@@ -275,7 +315,10 @@ mod tests {
         let hub = hub(8);
         (1..=3).for_each(|s| publish(&hub, s));
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 1 }), None)
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 1 }),
+                TaskFilter::all(),
+            )
             .unwrap();
         (4..=5).for_each(|s| publish(&hub, s));
         assert_eq!(seqs(&drain(&mut sub)), vec![2, 3, 4, 5]);
@@ -284,7 +327,7 @@ mod tests {
     #[test]
     fn a_lagging_subscriber_catches_up_from_the_ring() {
         let hub = hub(16); // channel of 8
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         (1..=14).for_each(|s| publish(&hub, s));
         assert_eq!(seqs(&drain(&mut sub)), (1..=14).collect::<Vec<_>>());
     }
@@ -292,7 +335,7 @@ mod tests {
     #[test]
     fn a_subscriber_lagging_past_the_ring_gets_a_reset_then_live() {
         let hub = hub(4);
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         (1..=10).for_each(|s| publish(&hub, s));
         let got = drain(&mut sub);
         assert!(
@@ -307,7 +350,7 @@ mod tests {
     fn the_filter_applies_to_replay_and_live() {
         let hub = hub(8);
         (1..=3).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
-        let filter = Some(Arc::new(HashSet::from([TaskId::Number(1)])));
+        let filter = TaskFilter::ids(HashSet::from([TaskId::Number(1)]));
         let mut sub = hub
             .subscribe(Resume::After(EventId::START), filter)
             .unwrap();
@@ -316,22 +359,62 @@ mod tests {
     }
 
     #[test]
+    fn token_patterns_intersect_the_requested_ids_in_replay_catch_up_and_live() {
+        let hub = hub(4); // channel of 2: the live part below overflows it and catches up
+        (1..=3).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
+        let filter = TaskFilter {
+            ids: Some(Arc::new(HashSet::from([
+                TaskId::Number(1),
+                TaskId::Number(2),
+            ]))),
+            patterns: Some(Patterns::parse(&["1", "3"]).unwrap()),
+            until: None,
+        };
+        let mut sub = hub
+            .subscribe(Resume::After(EventId::START), filter)
+            .unwrap();
+        (4..=6).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
+        assert_eq!(seqs(&drain(&mut sub)), vec![3, 6], "only task 1 is in both");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_ends_when_its_token_expires() {
+        let hub = hub(4);
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut sub = hub
+            .subscribe(
+                Resume::Live,
+                TaskFilter {
+                    until: Some(until),
+                    ..TaskFilter::all()
+                },
+            )
+            .unwrap();
+        publish(&hub, 1);
+        assert_eq!(seqs(&[sub.next().await.unwrap()]), vec![1]);
+        assert!(sub.next().await.is_none(), "ends at expiry, with no event");
+        assert_eq!(tokio::time::Instant::now(), until);
+        drop(sub);
+        assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[test]
     fn the_subscriber_limit_counts_live_subscriptions() {
         let hub = Arc::new(Hub::new(4, 1, Arc::new(Metrics::new())));
-        let first = hub.subscribe(Resume::Live, None).unwrap();
+        let first = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         assert_eq!(
-            hub.subscribe(Resume::Live, None).err(),
+            hub.subscribe(Resume::Live, TaskFilter::all()).err(),
             Some(SubscribeError::Full(1))
         );
         drop(first);
-        assert!(hub.subscribe(Resume::Live, None).is_ok());
+        assert!(hub.subscribe(Resume::Live, TaskFilter::all()).is_ok());
         assert_eq!(hub.subscriber_count(), 0);
     }
 
     #[test]
     fn closing_ends_streams_after_queued_events() {
         let hub = hub(4);
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         publish(&hub, 1);
         hub.close();
         assert_eq!(seqs(&drain(&mut sub)), vec![1]);
@@ -340,7 +423,7 @@ mod tests {
             "the stream ends"
         );
         assert_eq!(
-            hub.subscribe(Resume::Live, None).err(),
+            hub.subscribe(Resume::Live, TaskFilter::all()).err(),
             Some(SubscribeError::Closed)
         );
     }
@@ -384,7 +467,7 @@ mod tests {
                             back => Resume::After(EventId { epoch: if back > published { 0 } else { 1 }, seq: published.saturating_sub(back) }),
                         };
                         let start = match resume { Resume::After(id) => id.seq, _ => published };
-                        subs.push((hub.subscribe(resume, None).unwrap(), Vec::new(), start));
+                        subs.push((hub.subscribe(resume, TaskFilter::all()).unwrap(), Vec::new(), start));
                     }
                     Op::Read(i, n) => if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();

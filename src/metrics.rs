@@ -11,6 +11,7 @@ pub struct Metrics {
     pub lagged_subscribers: IntCounter,
     pub rejected_subscribers: IntCounter,
     pub http_requests: IntCounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -51,6 +52,18 @@ impl Metrics {
             &["status"],
         )
         .unwrap();
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused with 429, by limit (publish: --publish-rate; subscribers_per_ip: --max-subscribers-per-ip)",
+            ),
+            &["limit"],
+        )
+        .unwrap();
+        // Both series exist from the start, so dashboards and alerts see 0 rather than nothing.
+        for limit in ["publish", "subscribers_per_ip"] {
+            rate_limited.with_label_values(&[limit]);
+        }
         register(Box::new(subscribers.clone()));
         register(Box::new(events_published.clone()));
         register(Box::new(events_replayed.clone()));
@@ -58,6 +71,7 @@ impl Metrics {
         register(Box::new(lagged_subscribers.clone()));
         register(Box::new(rejected_subscribers.clone()));
         register(Box::new(http_requests.clone()));
+        register(Box::new(rate_limited.clone()));
         Metrics {
             registry,
             subscribers,
@@ -67,6 +81,7 @@ impl Metrics {
             lagged_subscribers,
             rejected_subscribers,
             http_requests,
+            rate_limited,
         }
     }
 

@@ -1,9 +1,11 @@
 //! `GET /events`: a subscription from the hub as a `text/event-stream` of shared, pre-encoded frames.
 
 use crate::app::AppState;
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::event::{reset_frame, retry_frame, EventId, KEEP_ALIVE_FRAME};
 use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::limits::IpSlot;
 use crate::task::TaskId;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header;
@@ -14,19 +16,38 @@ use log::info;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 
+#[utoipa::path(
+    get, path = "/events", tag = "events",
+    description = "The event stream (docs/events.md): a retry field, then replayed and live events, and keep-alive comments.",
+    params(
+        ("task_id" = Option<Vec<String>>, Query, description = "only these tasks' events (repeated or comma-separated)"),
+        ("last_event_id" = Option<String>, Query, description = "resume after this id; the Last-Event-ID header wins"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "resume after this id (browsers send it on reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "an invalid task_id in the filter", body = crate::openapi::ErrorBody),
+        (status = 429, description = "over --max-subscribers-per-ip", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+        (status = 503, description = "--max-subscribers reached, or shutting down", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds, 1 to 5"))),
+    )
+)]
 pub async fn events(
     req: HttpRequest,
     state: web::Data<AppState>,
+    access: Access,
 ) -> Result<HttpResponse, ApiError> {
     let query = EventsQuery::parse(&req)?;
+    let filter = scope(&access, query.filter)?;
+    let ip_slot = state.limits.subscriber_slot(&req)?;
     let subscription = state
         .backend
-        .subscribe(query.resume, query.filter.clone())
+        .subscribe(query.resume, filter.clone())
         .await
         .map_err(|e| match e {
             SubscribeError::Full(_) => {
@@ -45,18 +66,40 @@ pub async fn events(
         .peer_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     info!(
-        "subscriber connected: peer={peer} resume={:?} filter={} subscribers={}",
+        "subscriber connected: peer={peer} sub={} resume={:?} filter={} subscribers={}",
+        access.subject().unwrap_or("-"),
         query.resume,
-        query.filter.as_ref().map_or(0, |f| f.len()),
+        filter.ids.as_ref().map_or(0, |f| f.len()),
         state.hub.subscriber_count()
     );
-    let body = EventStream::new(subscription, state.retry, state.keep_alive, peer);
+    let mut body = EventStream::new(subscription, state.retry, state.keep_alive, peer);
+    body.ip_slot = ip_slot;
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         // Tells nginx-like proxies not to buffer the stream.
         .insert_header(("x-accel-buffering", "no"))
         .body(body))
+}
+
+/// The subscription's filter: the requested ids within what the token may see, until it expires.
+/// Asking for a task the token may not see is a 403 rather than a stream that stays silent.
+fn scope(access: &Access, ids: HashSet<TaskId>) -> Result<TaskFilter, ApiError> {
+    access.check_subscribe_any()?;
+    for id in &ids {
+        access.check_subscribe(id)?;
+    }
+    let until = access.expires_at().map(|expires| {
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::Instant::now() + left
+    });
+    Ok(TaskFilter {
+        patterns: access.subscribe_patterns(),
+        until,
+        ..TaskFilter::ids(ids)
+    })
 }
 
 /// Retry-After between 1 and 5 s, spread so refused clients do not all come back at once.
@@ -69,7 +112,7 @@ fn spread_retry_after() -> u64 {
 
 struct EventsQuery {
     resume: Resume,
-    filter: TaskFilter,
+    filter: HashSet<TaskId>,
 }
 
 impl EventsQuery {
@@ -87,7 +130,7 @@ impl EventsQuery {
                         filter.insert(id);
                     }
                 }
-                // Unknown parameters (cache busters, access_token for proxies) are ignored.
+                // Unknown parameters (cache busters) are ignored; access_token is read by `Access`.
                 _ => {}
             }
         }
@@ -103,7 +146,6 @@ impl EventsQuery {
                 .parse::<EventId>()
                 .map_or(Resume::Malformed, Resume::After),
         };
-        let filter = (!filter.is_empty()).then(|| Arc::new(filter));
         Ok(EventsQuery { resume, filter })
     }
 }
@@ -115,6 +157,8 @@ pub struct EventStream {
     subscription: Subscription,
     keep_alive: Interval,
     log: DisconnectLog,
+    /// Its place under `--max-subscribers-per-ip`, given back when the body is dropped.
+    ip_slot: Option<IpSlot>,
 }
 
 impl EventStream {
@@ -135,6 +179,7 @@ impl EventStream {
                 since: Instant::now(),
                 events: 0,
             },
+            ip_slot: None,
         }
     }
 }
@@ -164,7 +209,7 @@ impl MessageBody for EventStream {
             Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
                 Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
             }
-            // The hub closed (shutdown): end after the last complete frame.
+            // The hub closed (shutdown) or the token expired: end after the last complete frame.
             Poll::Ready(None) => Poll::Ready(None),
             // A comment on every tick while idle, so the gap between bytes never exceeds the
             // period; polling only when idle costs a busy stream nothing.
