@@ -1,10 +1,13 @@
 //! End-to-end tests: each starts a real `taskstream` on a random loopback port and speaks HTTP.
 
+mod auth;
 mod errors;
 mod events;
+mod guards;
 mod helpers;
 mod limits;
 mod resume;
 mod shutdown;
 mod slow;
 mod tasks;
+mod tls;
