@@ -173,6 +173,7 @@ pub async fn run(
                 !cors_origins.is_empty(),
                 limits::cors(&cors_origins),
             ))
+            .wrap(from_fn(crate::error::json_errors))
             .wrap_fn(move |req, srv| {
                 let metrics = metrics.clone();
                 srv.call(req).map(move |result| {

@@ -1,7 +1,11 @@
 //! `ApiError`: every failure at the HTTP edge, mapped to its status and `{"error": ...}` in one place.
 
 use crate::backend::BackendError;
+use actix_web::body::{to_bytes_limited, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderValue;
 use actix_web::http::{header, StatusCode};
+use actix_web::middleware::Next;
 use actix_web::{HttpResponse, ResponseError};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,4 +123,39 @@ impl From<BackendError> for ApiError {
             },
         }
     }
+}
+
+/// Errors answered by middleware rather than by us (actix-cors refusing a preflight from an
+/// origin it does not know) are plain text; this gives them the same `{"error": ...}` shape.
+pub async fn json_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let response = next.call(req).await?;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return Ok(response.map_into_left_body());
+    }
+    let (req, response) = response.into_parts();
+    let (response, body) = response.into_parts();
+    // Such bodies are one sentence; anything longer is not worth holding.
+    let text = match to_bytes_limited(body, 1024).await {
+        Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        _ => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut response = response.set_body(serde_json::json!({ "error": message }).to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(ServiceResponse::new(req, response).map_into_right_body())
 }
