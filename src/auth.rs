@@ -7,6 +7,7 @@
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::hub::TaskFilter;
 use crate::task::TaskId;
 use actix_web::http::header;
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
@@ -14,6 +15,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -309,6 +311,27 @@ impl Access {
         }
     }
 
+    /// The filter for a subscription on any transport: the requested ids (`?task_id=`, empty for
+    /// all) within what the token may see, until it expires. Asking for a task the token may
+    /// not see is a 403 rather than a stream that stays silent.
+    pub fn task_filter(&self, ids: HashSet<TaskId>) -> Result<TaskFilter, ApiError> {
+        self.check_subscribe_any()?;
+        for id in &ids {
+            self.check_subscribe(id)?;
+        }
+        let until = self.expires_at().map(|expires| {
+            let left = expires
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::Instant::now() + left
+        });
+        Ok(TaskFilter {
+            patterns: self.subscribe_patterns(),
+            until,
+            ..TaskFilter::ids(ids)
+        })
+    }
+
     /// Idempotency keys are per subject, so one client's key can never replay another's answer
     /// (which would show it a task it may not see).
     pub fn scope_idempotency_key(&self, key: String) -> String {
@@ -389,9 +412,11 @@ impl JwtPublicKey {
             Ok(key) => (key, &[Algorithm::RS256]),
             Err(_) => match DecodingKey::from_ec_pem(&pem) {
                 Ok(key) => (key, &[Algorithm::ES256, Algorithm::ES384]),
-                Err(_) => return Err(format!(
+                Err(_) => {
+                    return Err(format!(
                     "{path} holds no RSA or EC public key in PEM (\"-----BEGIN PUBLIC KEY-----\")"
-                )),
+                ))
+                }
             },
         };
         Ok(JwtPublicKey {

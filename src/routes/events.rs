@@ -4,7 +4,7 @@ use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::event::{reset_frame, retry_frame, EventId, KEEP_ALIVE_FRAME};
-use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::hub::{Delivery, Resume, SubscribeError, Subscription};
 use crate::limits::IpSlot;
 use crate::task::TaskId;
 use actix_web::body::{BodySize, MessageBody};
@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 
 #[utoipa::path(
@@ -43,7 +43,7 @@ pub async fn events(
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
     let query = EventsQuery::parse(&req)?;
-    let filter = scope(&access, query.filter)?;
+    let filter = access.task_filter(query.filter)?;
     let ip_slot = state.limits.subscriber_slot(&req)?;
     let subscription = state
         .backend
@@ -80,26 +80,6 @@ pub async fn events(
         // Tells nginx-like proxies not to buffer the stream.
         .insert_header(("x-accel-buffering", "no"))
         .body(body))
-}
-
-/// The subscription's filter: the requested ids within what the token may see, until it expires.
-/// Asking for a task the token may not see is a 403 rather than a stream that stays silent.
-fn scope(access: &Access, ids: HashSet<TaskId>) -> Result<TaskFilter, ApiError> {
-    access.check_subscribe_any()?;
-    for id in &ids {
-        access.check_subscribe(id)?;
-    }
-    let until = access.expires_at().map(|expires| {
-        let left = expires
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        tokio::time::Instant::now() + left
-    });
-    Ok(TaskFilter {
-        patterns: access.subscribe_patterns(),
-        until,
-        ..TaskFilter::ids(ids)
-    })
 }
 
 /// Retry-After between 1 and 5 s, spread so refused clients do not all come back at once.
