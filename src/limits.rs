@@ -16,16 +16,21 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Past this many tracked clients the limiter forgets the ones whose allowance is full again, so
-/// a crowd of one-off clients cannot grow its memory without bound.
+/// a crowd of one-off clients cannot grow its memory without bound...
 const RATE_KEYS_BEFORE_CLEANUP: usize = 10_000;
+/// ...looking at most once every this many publishes, so the scan (linear in the clients
+/// tracked) never runs on every request when many clients are active.
+const RATE_CLEANUP_EVERY: u64 = 1024;
 
 pub struct Limits {
     publish: Option<DefaultKeyedRateLimiter<String>>,
     publish_rate: u32,
+    publishes: AtomicU64,
     clock: DefaultClock,
     subscribers: Arc<SubscriberCaps>,
     pub max_body_bytes: usize,
@@ -47,6 +52,7 @@ impl Limits {
         Limits {
             publish,
             publish_rate: config.publish_rate,
+            publishes: AtomicU64::new(0),
             clock: DefaultClock::default(),
             subscribers: Arc::new(SubscriberCaps {
                 per_ip: config.max_subscribers_per_ip as usize,
@@ -72,7 +78,9 @@ impl Limits {
                 peer_ip(req).map_or("unknown".into(), |ip| ip.to_string())
             ),
         };
-        if limiter.len() > RATE_KEYS_BEFORE_CLEANUP {
+        let publishes = self.publishes.fetch_add(1, Ordering::Relaxed);
+        if publishes.is_multiple_of(RATE_CLEANUP_EVERY) && limiter.len() > RATE_KEYS_BEFORE_CLEANUP
+        {
             limiter.retain_recent();
         }
         limiter.check_key(&key).map_err(|not_until| {
