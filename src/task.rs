@@ -47,7 +47,9 @@ impl TaskId {
 
     pub fn from_json(value: &Value) -> Result<Self, InvalidTaskId> {
         match value {
-            Value::Number(n) => match n.as_u64() {
+            // `101.0` and `1.01e2` are the number 101 in JSON (and an integer to JSON Schema, as
+            // schemathesis pointed out); anything with a fraction is not.
+            Value::Number(n) => match n.as_u64().or_else(|| integral(n.as_f64()?)) {
                 Some(n) if (1..=MAX_NUMERIC_ID).contains(&n) => Ok(TaskId::Number(n)),
                 _ => Err(InvalidTaskId),
             },
@@ -55,6 +57,11 @@ impl TaskId {
             _ => Err(InvalidTaskId),
         }
     }
+}
+
+/// The integer a float holds exactly, if any (within the range of exact integers in an f64).
+fn integral(f: f64) -> Option<u64> {
+    (f.fract() == 0.0 && (1.0..=MAX_NUMERIC_ID as f64).contains(&f)).then_some(f as u64)
 }
 
 impl fmt::Display for TaskId {
@@ -295,6 +302,7 @@ mod tests {
     fn decimal_strings_fold_into_numbers_but_leading_zeros_do_not() {
         assert_eq!(TaskId::parse("101"), Ok(TaskId::Number(101)));
         assert_eq!(TaskId::from_json(&json!(101)), Ok(TaskId::Number(101)));
+        assert_eq!(TaskId::from_json(&json!(101.0)), Ok(TaskId::Number(101)));
         assert_eq!(TaskId::parse("0101"), Ok(TaskId::Text("0101".into())));
         assert_eq!(TaskId::parse("0"), Ok(TaskId::Text("0".into())));
         assert_eq!(
@@ -313,7 +321,10 @@ mod tests {
             json!(0),
             json!(-1),
             json!(1.5),
+            json!(0.0),
             json!(9007199254740992u64),
+            json!(9007199254740992.0),
+            json!(1e300),
             json!(null),
             json!([1]),
         ] {
