@@ -2,8 +2,10 @@
 //! (tests/fuzz.rs), so `cargo fuzz` and `cargo test` exercise the same assertions.
 
 use serde_json::{json, Map, Value};
-use taskstream::event::{reset_frame, Event, EventId};
-use taskstream::task::{TaskId, TaskPatch, MAX_DATA_BYTES};
+// `crate::` rather than `taskstream::`: the fuzz targets compile these modules themselves, and
+// tests/fuzz.rs imports the library's under the same names.
+use crate::event::{reset_frame, Event, EventId};
+use crate::task::{TaskId, TaskPatch, MAX_DATA_BYTES};
 
 const FIELDS: [&str; 5] = ["task_id", "status", "title", "assignee", "data"];
 

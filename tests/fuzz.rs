@@ -4,6 +4,9 @@
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
+// checks.rs names them `crate::event` and `crate::task`, as the fuzz targets compile them.
+use taskstream::{event, task};
+
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

@@ -2,9 +2,17 @@
 //! WHATWG-conformant parser (checks in ../checks.rs).
 #![no_main]
 
+// The code under test, compiled here rather than through the taskstream library (see
+// ../Cargo.toml); `crate::task` and `crate::event` resolve as they do in the library.
 #[allow(dead_code)] // Each target uses the checks for its own input.
 #[path = "../checks.rs"]
 mod checks;
+#[allow(dead_code)]
+#[path = "../../src/event.rs"]
+mod event;
+#[allow(dead_code)]
+#[path = "../../src/task.rs"]
+mod task;
 
 use arbitrary::{Arbitrary, Unstructured};
 
