@@ -638,6 +638,39 @@ mod tests {
         assert_eq!(token_from(&req), None);
     }
 
+    /// An RSA pair made for these tests only (tests/fixtures), since rcgen cannot make RSA keys.
+    #[test]
+    fn an_rsa_public_key_verifies_rs256_and_refuses_what_it_did_not_sign() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let key = JwtPublicKey::from_file(&format!("{fixtures}/rsa-test-public.pem")).unwrap();
+        assert_eq!(key.algorithms, [Algorithm::RS256]);
+        let auth = Authenticator::public_key(&key, Duration::ZERO);
+        let private = std::fs::read(format!("{fixtures}/rsa-test-private.pem")).unwrap();
+        let rights = ["*".to_owned()];
+        let mint_with = |secret: Option<&Secret>, private: Option<&[u8]>| {
+            mint(
+                &Mint {
+                    subject: "ana",
+                    publish: &rights,
+                    subscribe: &rights,
+                    ttl: Duration::from_secs(60),
+                },
+                secret,
+                private,
+            )
+            .unwrap()
+        };
+        let signed = mint_with(None, Some(&private));
+        assert_eq!(auth.verify(&signed).unwrap().subject, "ana");
+        let hs256 = mint_with(Some(&secret()), None);
+        assert!(auth.verify(&hs256).unwrap_err().contains("algorithm"));
+        let garbage = std::env::temp_dir().join(format!("not-a-key-{}", std::process::id()));
+        std::fs::write(&garbage, "hello").unwrap();
+        assert!(JwtPublicKey::from_file(garbage.to_str().unwrap())
+            .unwrap_err()
+            .contains("no RSA or EC public key"));
+    }
+
     #[test]
     fn ttls_take_units() {
         assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
