@@ -1,13 +1,16 @@
 //! The application: shared state, the one route table (for `main` and tests), and `run`.
 
+use crate::auth::Authenticator;
 use crate::backend::{memory::MemoryBackend, redis::RedisBackend, Backend};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::limits::{self, Limits};
 use crate::metrics::Metrics;
 use crate::routes::{events, ops, tasks, ws};
-use actix_web::dev::Service;
-use actix_web::middleware::Logger;
+use crate::tls;
+use actix_web::dev::{Service, ServiceRequest};
+use actix_web::middleware::{from_fn, Condition, Logger};
 use actix_web::{guard, web, App, HttpRequest, HttpServer};
 use futures_util::FutureExt;
 use log::info;
@@ -22,6 +25,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub retry: Duration,
     pub keep_alive: Duration,
+    /// `None`: auth is off and every request may do everything.
+    pub auth: Option<Arc<Authenticator>>,
+    pub limits: Limits,
 }
 
 impl AppState {
@@ -52,12 +58,19 @@ impl AppState {
             ),
         };
         let hub = backend.hub().clone();
+        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(secret), _) => Some(Authenticator::hs256(secret, config.jwt_leeway())),
+            (None, Some(key)) => Some(Authenticator::public_key(key, config.jwt_leeway())),
+            (None, None) => None,
+        };
         Ok(AppState {
             backend,
             hub,
+            limits: Limits::new(config, metrics.clone()),
             metrics,
             retry: config.retry(),
             keep_alive: config.keep_alive(),
+            auth: auth.map(Arc::new),
         })
     }
 }
@@ -94,6 +107,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         "/app.css",
         "GET, HEAD",
         get_or_head().to(ops::app_css),
+    ))
+    .service(only(
+        "/openapi.json",
+        "GET, HEAD",
+        get_or_head().to(ops::openapi_json),
     ));
 }
 
@@ -129,6 +147,33 @@ async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError
     )))
 }
 
+/// The request line for the access log, with the value of any `access_token` query parameter
+/// replaced, so tokens never reach the logs.
+fn redacted_request_line(req: &ServiceRequest) -> String {
+    let query = req.query_string();
+    let target = if query.is_empty() {
+        req.path().to_owned()
+    } else {
+        let redacted = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_token_parameter(key) => format!("{key}=[redacted]"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        format!("{}?{redacted}", req.path())
+    };
+    format!("{} {target} {:?}", req.method(), req.version())
+}
+
+/// `access_token`, also when a client percent-encoded some of its letters.
+fn is_token_parameter(key: &str) -> bool {
+    form_urlencoded::parse(key.as_bytes())
+        .next()
+        .is_some_and(|(k, _)| k == crate::auth::QUERY_PARAMETER)
+}
+
 /// Serves until `shutdown` resolves, then ends every event stream after its last complete frame,
 /// stops accepting, and returns once connections are closed (at most `--shutdown-timeout` later).
 pub async fn run(
@@ -136,14 +181,22 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
+    let tls = tls::server_config(&config)?;
     let state = web::Data::new(AppState::new(&config)?);
     state.backend.started().await;
     let app_state = state.clone();
     let stopping = state.clone();
+    let cors_origins = config.cors_origin.clone();
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
             .app_data(app_state.clone())
+            .wrap(from_fn(limits::limit_headers))
+            .wrap(Condition::new(
+                !cors_origins.is_empty(),
+                limits::cors(&cors_origins),
+            ))
+            .wrap(from_fn(crate::error::json_errors))
             .wrap_fn(move |req, srv| {
                 let metrics = metrics.clone();
                 srv.call(req).map(move |result| {
@@ -156,7 +209,11 @@ pub async fn run(
                     result
                 })
             })
-            .wrap(Logger::new(r#"%a "%r" %s %b %Dms"#))
+            // `%r` would log the query string, and with it an `access_token`.
+            .wrap(
+                Logger::new(r#"%a "%{request}xi" %s %b %Dms"#)
+                    .custom_request_replace("request", redacted_request_line),
+            )
             .configure(routes)
             .default_service(web::to(not_found))
     })
@@ -164,6 +221,10 @@ pub async fn run(
     // the idle stream (and its subscription) until a write fails, up to a keep-alive later.
     // EventSource and curl never half-close, so nothing legitimate is cut.
     .h1_allow_half_closed(false)
+    // Slow-loris: a client gets this long for the request head (and for a TLS handshake); the
+    // body has its own timeout in the handler.
+    .client_request_timeout(config.request_timeout())
+    .tls_handshake_timeout(config.request_timeout())
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout)
     // A reconnect storm of thousands of clients must not overflow the accept queue.
@@ -171,7 +232,11 @@ pub async fn run(
     if let Some(workers) = config.workers {
         server = server.workers(workers.into());
     }
-    let server = server.listen(listener)?.run();
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    }
+    .run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
         shutdown.await;

@@ -1,13 +1,72 @@
 //! Settings: every one is a command-line flag with a `TASKSTREAM_*` environment variable.
 
-use clap::Parser;
+use crate::auth::{parse_ttl, JwtPublicKey, Secret};
+use crate::limits::parse_origin;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Real-time task notifications over Server-Sent Events.
 ///
 /// Every flag can also be set by the environment variable named in its help
 /// (`--keep-alive 1` is `TASKSTREAM_KEEP_ALIVE=1`); a flag wins over its variable.
-/// Logging is set with RUST_LOG (default: info).
+/// Logging is set with RUST_LOG (default: info). With no subcommand, taskstream serves.
+#[derive(Debug, Parser)]
+#[command(name = "taskstream", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint a JWT for local use and print it (signed like the server expects).
+    Token(TokenArgs),
+}
+
+/// `taskstream token --sub ana --subscribe '*' --publish '*' --ttl 1h`
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The token's subject: names the client in logs and in the per-client publish rate.
+    #[arg(long)]
+    pub sub: String,
+
+    /// Tasks the token may publish to: `*`, a task id, or a prefix ending in `*` (repeatable,
+    /// or comma-separated). None by default.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+
+    /// Tasks the token may subscribe to and read, as --publish. None by default.
+    #[arg(long, value_delimiter = ',')]
+    pub subscribe: Vec<String>,
+
+    /// How long the token is valid: 90s, 30m, 1h, 7d (plain numbers are seconds).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+
+    /// The HS256 secret the server runs with.
+    #[arg(
+        long,
+        env = "TASKSTREAM_JWT_SECRET",
+        hide_env_values = true,
+        required_unless_present = "jwt_private_key"
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// Or a PEM private key (RSA signs RS256, EC P-256 signs ES256) whose public half the server
+    /// has as --jwt-public-key.
+    #[arg(
+        long,
+        env = "TASKSTREAM_JWT_PRIVATE_KEY",
+        value_name = "FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_private_key: Option<PathBuf>,
+}
+
+/// The server's settings (`taskstream` with no subcommand).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "taskstream", version, about, long_about = None)]
 pub struct Config {
@@ -58,6 +117,79 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_SHUTDOWN_TIMEOUT", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(0..=60))]
     pub shutdown_timeout: u64,
+
+    /// HS256 secret: turns authentication on. Every endpoint but /healthz, /metrics and the board
+    /// page then needs a JWT (see docs/security.md).
+    #[arg(
+        long,
+        env = "TASKSTREAM_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM public key (RSA verifies RS256, EC P-256 verifies ES256): turns authentication on.
+    #[arg(long, env = "TASKSTREAM_JWT_PUBLIC_KEY", value_name = "FILE",
+          value_parser = JwtPublicKey::from_file)]
+    pub jwt_public_key: Option<JwtPublicKey>,
+
+    /// Seconds of clock skew allowed on a token's exp and nbf (open streams end at exp + this).
+    #[arg(long, env = "TASKSTREAM_JWT_LEEWAY", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub jwt_leeway: u64,
+
+    /// Events a client may publish per second, counted per token subject, else per IP; beyond it
+    /// POST /update_task and DELETE answer 429 with Retry-After. 0 turns the limit off.
+    #[arg(long, env = "TASKSTREAM_PUBLISH_RATE", default_value_t = 0)]
+    pub publish_rate: u32,
+
+    /// Publishes a client may make in one burst before --publish-rate applies (default: one
+    /// second's worth).
+    #[arg(long, env = "TASKSTREAM_PUBLISH_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub publish_burst: Option<u32>,
+
+    /// Open event streams allowed per client IP; beyond it /events answers 429. 0: no limit.
+    #[arg(long, env = "TASKSTREAM_MAX_SUBSCRIBERS_PER_IP", default_value_t = 0)]
+    pub max_subscribers_per_ip: u32,
+
+    /// A browser origin allowed to call taskstream with credentials, such as
+    /// https://board.example.com (repeatable; comma-separated in the variable). None by default.
+    #[arg(long, env = "TASKSTREAM_CORS_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origin: Vec<String>,
+
+    /// Largest request body in bytes; larger ones answer 413.
+    #[arg(long, env = "TASKSTREAM_MAX_BODY_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_body_bytes: u32,
+
+    /// Largest request head (request line and headers) in bytes; larger ones answer 431.
+    #[arg(long, env = "TASKSTREAM_MAX_HEADER_BYTES", default_value_t = 32_768,
+          value_parser = clap::value_parser!(u32).range(1024..=131_072))]
+    pub max_header_bytes: u32,
+
+    /// Seconds a client has to send a request's head, then its body, and to finish a TLS
+    /// handshake; slower clients are cut off (slow-loris protection).
+    #[arg(long, env = "TASKSTREAM_REQUEST_TIMEOUT", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_timeout: u64,
+
+    /// PEM certificate chain: serve HTTPS, with HTTP/2 (ALPN h2) and HTTP/1.1. Needs --tls-key.
+    #[arg(
+        long,
+        env = "TASKSTREAM_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(
+        long,
+        env = "TASKSTREAM_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -71,6 +203,18 @@ impl Config {
 
     pub fn idempotency_window(&self) -> Duration {
         Duration::from_secs(self.idempotency_window)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout)
+    }
+
+    pub fn jwt_leeway(&self) -> Duration {
+        Duration::from_secs(self.jwt_leeway)
+    }
+
+    pub fn auth_enabled(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
     }
 
     /// The defaults, as `taskstream` with no flags would run (for tests and embedding).
@@ -87,6 +231,54 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Config::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_serves_and_token_mints() {
+        let cli = Cli::parse_from(["taskstream", "--buffer", "8"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config.buffer, 8);
+        let cli = Cli::parse_from([
+            "taskstream",
+            "token",
+            "--sub",
+            "ana",
+            "--subscribe",
+            "101,proj-7:*",
+            "--publish",
+            "*",
+            "--ttl",
+            "2s",
+            "--jwt-secret",
+            "s",
+        ]);
+        let Some(Command::Token(token)) = cli.command else {
+            panic!("the token subcommand");
+        };
+        assert_eq!(token.subscribe, ["101", "proj-7:*"]);
+        assert_eq!(token.ttl, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let config = Config::parse_from(["taskstream", "--jwt-secret", "hunter2"]);
+        assert!(config.auth_enabled());
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_origins_are_checked() {
+        assert!(Config::try_parse_from(["taskstream", "--tls-cert", "c.pem"]).is_err());
+        assert!(Config::try_parse_from(["taskstream", "--cors-origin", "*"]).is_err());
+        let config = Config::parse_from([
+            "taskstream",
+            "--cors-origin",
+            "https://a.example",
+            "--cors-origin",
+            "http://b:1",
+        ]);
+        assert_eq!(config.cors_origin, ["https://a.example", "http://b:1"]);
     }
 
     #[test]

@@ -2,7 +2,11 @@
 
 use crate::backend::BackendError;
 use crate::hub::SubscribeError;
+use actix_web::body::{to_bytes_limited, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderValue;
 use actix_web::http::{header, StatusCode};
+use actix_web::middleware::Next;
 use actix_web::{HttpResponse, ResponseError};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +29,25 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// No token, or one that is malformed, expired or wrongly signed. `invalid_token` tells a
+    /// client with a token that it must get a new one (RFC 6750's `error="invalid_token"`).
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        invalid_token: bool,
+    },
+    /// A valid token that does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("the request head is larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("the request body did not arrive within {0} seconds")]
+    RequestTimeout(u64),
 }
 
 impl ResponseError for ApiError {
@@ -36,6 +59,11 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -47,8 +75,38 @@ impl ResponseError for ApiError {
             }
             ApiError::Unavailable {
                 retry_after_secs, ..
+            }
+            | ApiError::TooManyRequests {
+                retry_after_secs, ..
             } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Unauthorized {
+                message,
+                invalid_token,
+            } => {
+                // RFC 6750: no error code when no token was sent; `invalid_token` otherwise. The
+                // description never contains the token; it is cut to what a quoted-string in a
+                // header may hold, since an invalid header value would turn this into a 500.
+                let challenge = if *invalid_token {
+                    let description: String = message
+                        .chars()
+                        .filter(|c| (c.is_ascii_graphic() || *c == ' ') && !matches!(c, '"' | '\\'))
+                        .take(200)
+                        .collect();
+                    format!(
+                        r#"Bearer realm="taskstream", error="invalid_token", error_description="{description}""#
+                    )
+                } else {
+                    r#"Bearer realm="taskstream""#.to_owned()
+                };
+                response.insert_header((header::WWW_AUTHENTICATE, challenge));
+            }
+            ApiError::Forbidden(_) => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    r#"Bearer realm="taskstream", error="insufficient_scope""#,
+                ));
             }
             _ => {}
         }
@@ -87,4 +145,39 @@ fn spread_retry_after() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     1 + u64::from(nanos % 5)
+}
+
+/// Errors answered by middleware rather than by us (actix-cors refusing a preflight from an
+/// origin it does not know) are plain text; this gives them the same `{"error": ...}` shape.
+pub async fn json_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let response = next.call(req).await?;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return Ok(response.map_into_left_body());
+    }
+    let (req, response) = response.into_parts();
+    let (response, body) = response.into_parts();
+    // Such bodies are one sentence; anything longer is not worth holding.
+    let text = match to_bytes_limited(body, 1024).await {
+        Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        _ => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut response = response.set_body(serde_json::json!({ "error": message }).to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(ServiceResponse::new(req, response).map_into_right_body())
 }

@@ -2,6 +2,7 @@
 //! no gap, and recovers from lag through the ring buffer (or a longer `History`) or by a `reset`,
 //! never by skipping.
 
+use crate::auth::Patterns;
 use crate::event::{Event, EventId};
 use crate::metrics::Metrics;
 use crate::ring::{ResetReason, Ring};
@@ -41,8 +42,37 @@ impl Resume {
     }
 }
 
-/// Only these tasks' events reach the subscriber; `None` means all tasks.
-pub type TaskFilter = Option<Arc<HashSet<TaskId>>>;
+/// Which events reach a subscriber, and until when. Applied inside the `Subscription`, to replay,
+/// live events and catch-up alike, so every transport gets the same rules.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// The tasks the client asked for (`?task_id=`); `None`: all.
+    pub ids: Option<Arc<HashSet<TaskId>>>,
+    /// The tasks its token may see; `None` when auth is off. Intersected with `ids`.
+    pub patterns: Option<Patterns>,
+    /// When its token expires: the subscription ends then, between two deliveries.
+    pub until: Option<tokio::time::Instant>,
+}
+
+impl TaskFilter {
+    /// Every task, for ever.
+    pub fn all() -> TaskFilter {
+        TaskFilter::default()
+    }
+
+    /// Only these tasks (all when the set is empty).
+    pub fn ids(ids: HashSet<TaskId>) -> TaskFilter {
+        TaskFilter {
+            ids: (!ids.is_empty()).then(|| Arc::new(ids)),
+            ..TaskFilter::default()
+        }
+    }
+
+    pub fn allows(&self, task_id: &TaskId) -> bool {
+        self.ids.as_ref().is_none_or(|ids| ids.contains(task_id))
+            && self.patterns.as_ref().is_none_or(|p| p.matches(task_id))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -266,6 +296,9 @@ impl Hub {
         }
         drop(inner);
         Ok(Subscription {
+            expiry: filter
+                .until
+                .map(|until| Box::pin(tokio::time::sleep_until(until))),
             hub: self.clone(),
             live,
             backlog,
@@ -279,8 +312,10 @@ impl Hub {
 
     /// Ends every live stream (after the frames already queued) and refuses new subscribers.
     pub fn close(&self) {
-        self.lock().sender = None;
+        // Cancelled first: a subscription that sees its channel end can then tell a shutdown from
+        // its token's expiry.
         self.closed.cancel();
+        self.lock().sender = None;
     }
 
     /// Cancelled when the hub closes.
@@ -333,6 +368,7 @@ pub struct Subscription {
     /// below it are duplicates of the backlog.
     last_id: EventId,
     filter: TaskFilter,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: SubscriberSlot,
 }
 
@@ -345,9 +381,7 @@ impl Subscription {
     }
 
     fn wants(&self, event: &Event) -> bool {
-        self.filter
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&event.task_id))
+        self.filter.allows(&event.task_id)
     }
 
     /// After a lag, refills the backlog from the ring; when the ring no longer reaches back to
@@ -373,6 +407,13 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = self.get_mut();
+        // Checked before every delivery: once the token has expired nothing more goes out, and
+        // the stream ends between two complete deliveries.
+        if let Some(expiry) = &mut this.expiry {
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
         loop {
             if let Some(fetch) = &mut this.fetching {
                 let backfill = ready!(fetch.as_mut().poll(cx));
@@ -454,7 +495,10 @@ mod tests {
         let hub = hub(8);
         (1..=3).for_each(|s| publish(&hub, s));
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 1 }), None)
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 1 }),
+                TaskFilter::all(),
+            )
             .unwrap();
         (4..=5).for_each(|s| publish(&hub, s));
         assert_eq!(seqs(&drain(&mut sub)), vec![2, 3, 4, 5]);
@@ -463,7 +507,7 @@ mod tests {
     #[test]
     fn a_lagging_subscriber_catches_up_from_the_ring() {
         let hub = hub(16); // channel of 8
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         (1..=14).for_each(|s| publish(&hub, s));
         assert_eq!(seqs(&drain(&mut sub)), (1..=14).collect::<Vec<_>>());
     }
@@ -471,7 +515,7 @@ mod tests {
     #[test]
     fn a_subscriber_lagging_past_the_ring_gets_a_reset_then_live() {
         let hub = hub(4);
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         (1..=10).for_each(|s| publish(&hub, s));
         let got = drain(&mut sub);
         assert!(
@@ -486,7 +530,7 @@ mod tests {
     fn the_filter_applies_to_replay_and_live() {
         let hub = hub(8);
         (1..=3).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
-        let filter = Some(Arc::new(HashSet::from([TaskId::Number(1)])));
+        let filter = TaskFilter::ids(HashSet::from([TaskId::Number(1)]));
         let mut sub = hub
             .subscribe(Resume::After(EventId::START), filter)
             .unwrap();
@@ -495,22 +539,62 @@ mod tests {
     }
 
     #[test]
+    fn token_patterns_intersect_the_requested_ids_in_replay_catch_up_and_live() {
+        let hub = hub(4); // channel of 2: the live part below overflows it and catches up
+        (1..=3).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
+        let filter = TaskFilter {
+            ids: Some(Arc::new(HashSet::from([
+                TaskId::Number(1),
+                TaskId::Number(2),
+            ]))),
+            patterns: Some(Patterns::parse(&["1", "3"]).unwrap()),
+            until: None,
+        };
+        let mut sub = hub
+            .subscribe(Resume::After(EventId::START), filter)
+            .unwrap();
+        (4..=6).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
+        assert_eq!(seqs(&drain(&mut sub)), vec![3, 6], "only task 1 is in both");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_ends_when_its_token_expires() {
+        let hub = hub(4);
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut sub = hub
+            .subscribe(
+                Resume::Live,
+                TaskFilter {
+                    until: Some(until),
+                    ..TaskFilter::all()
+                },
+            )
+            .unwrap();
+        publish(&hub, 1);
+        assert_eq!(seqs(&[sub.next().await.unwrap()]), vec![1]);
+        assert!(sub.next().await.is_none(), "ends at expiry, with no event");
+        assert_eq!(tokio::time::Instant::now(), until);
+        drop(sub);
+        assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[test]
     fn the_subscriber_limit_counts_live_subscriptions() {
         let hub = Arc::new(Hub::new(4, 1, Arc::new(Metrics::new())));
-        let first = hub.subscribe(Resume::Live, None).unwrap();
+        let first = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         assert_eq!(
-            hub.subscribe(Resume::Live, None).err(),
+            hub.subscribe(Resume::Live, TaskFilter::all()).err(),
             Some(SubscribeError::Full(1))
         );
         drop(first);
-        assert!(hub.subscribe(Resume::Live, None).is_ok());
+        assert!(hub.subscribe(Resume::Live, TaskFilter::all()).is_ok());
         assert_eq!(hub.subscriber_count(), 0);
     }
 
     #[test]
     fn closing_ends_streams_after_queued_events() {
         let hub = hub(4);
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         publish(&hub, 1);
         hub.close();
         assert_eq!(seqs(&drain(&mut sub)), vec![1]);
@@ -519,7 +603,7 @@ mod tests {
             "the stream ends"
         );
         assert_eq!(
-            hub.subscribe(Resume::Live, None).err(),
+            hub.subscribe(Resume::Live, TaskFilter::all()).err(),
             Some(SubscribeError::Closed)
         );
     }
@@ -598,7 +682,10 @@ mod tests {
         (1..=10).for_each(|s| append(&log, s));
         feed(&hub, &log);
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 2 }), None)
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 2 }),
+                TaskFilter::all(),
+            )
             .unwrap();
         append(&log, 11);
         assert_eq!(
@@ -622,7 +709,10 @@ mod tests {
         (1..=3).for_each(|s| append(&log, s));
         // The client got id 2 from another node before this node's feed read it.
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 2 }), None)
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 2 }),
+                TaskFilter::all(),
+            )
             .unwrap();
         feed(&hub, &log);
         assert_eq!(seqs(&drain(&mut sub)), vec![3]);
@@ -638,7 +728,9 @@ mod tests {
             Arc::new(FullLog(log.clone())),
         ));
         (1..=3).for_each(|s| append(&log, s));
-        let mut sub = hub.subscribe(Resume::After(EventId::START), None).unwrap();
+        let mut sub = hub
+            .subscribe(Resume::After(EventId::START), TaskFilter::all())
+            .unwrap();
         assert_eq!(seqs(&drain(&mut sub)), vec![1, 2, 3]);
     }
 
@@ -651,7 +743,7 @@ mod tests {
             Resume::After(EventId { epoch: 7, seq: 7 }),
         ] {
             let newest = log.lock().unwrap().len() as u64;
-            let mut sub = hub.subscribe(resume, None).unwrap();
+            let mut sub = hub.subscribe(resume, TaskFilter::all()).unwrap();
             let got = drain(&mut sub);
             assert!(
                 matches!(got[..], [Delivery::Reset { newest: n, .. }] if n.seq == newest),
@@ -667,7 +759,7 @@ mod tests {
     fn a_live_subscription_can_start_after_the_logs_head() {
         let (hub, log) = hub_with_log(4);
         (1..=3).for_each(|s| append(&log, s));
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         sub.starts_after(EventId { epoch: 1, seq: 3 });
         feed(&hub, &log);
         append(&log, 4);
@@ -678,7 +770,7 @@ mod tests {
     #[test]
     fn a_lost_stretch_ends_every_open_stream_after_what_it_has() {
         let (hub, log) = hub_with_log(4);
-        let mut sub = hub.subscribe(Resume::Live, None).unwrap();
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
         append(&log, 1);
         feed(&hub, &log);
         hub.restart_at(EventId { epoch: 1, seq: 5 }, true);
@@ -688,7 +780,7 @@ mod tests {
             "the stream ends"
         );
         assert!(
-            hub.subscribe(Resume::Live, None).is_ok(),
+            hub.subscribe(Resume::Live, TaskFilter::all()).is_ok(),
             "new streams open"
         );
     }
@@ -711,7 +803,10 @@ mod tests {
             Arc::new(Unreachable),
         ));
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 1 }), None)
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 1 }),
+                TaskFilter::all(),
+            )
             .unwrap();
         assert!(sub.next().now_or_never().is_none(), "waits for the history");
         hub.close();
@@ -759,7 +854,7 @@ mod tests {
                             back => Resume::After(EventId { epoch: if back > published { 0 } else { 1 }, seq: published.saturating_sub(back) }),
                         };
                         let start = match resume { Resume::After(id) => id.seq, _ => published };
-                        subs.push((hub.subscribe(resume, None).unwrap(), Vec::new(), start));
+                        subs.push((hub.subscribe(resume, TaskFilter::all()).unwrap(), Vec::new(), start));
                     }
                     Op::Read(i, n) => if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();
@@ -823,7 +918,7 @@ mod tests {
                             back if back >= appended => (Resume::After(EventId::START), 0),
                             back => (Resume::After(EventId { epoch: 1, seq: appended - back }), appended - back),
                         };
-                        subs.push((hub.subscribe(resume, None).unwrap(), Vec::new(), start));
+                        subs.push((hub.subscribe(resume, TaskFilter::all()).unwrap(), Vec::new(), start));
                     }
                     Op::Read(i, n) => if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();

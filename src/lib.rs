@@ -14,15 +14,23 @@
 //!   tasks and events between nodes through Redis (`--redis-url`).
 //! - [`routes`] — HTTP handlers: tasks, events, ops (healthz, metrics, the board).
 //! - [`metrics`] — Prometheus counters.
+//! - [`auth`] — JWTs, task patterns, the `Access` extractor (off unless a key is configured).
+//! - [`limits`] — publish rate, per-IP streams, head/body size and time limits, CORS.
+//! - [`tls`] — rustls for HTTPS and HTTP/2.
+//! - [`openapi`] — the OpenAPI document, generated from the handlers' annotations.
 
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod ring;
 pub mod routes;
 pub mod shutdown;
 pub mod task;
+pub mod tls;

@@ -1,16 +1,30 @@
-//! The `taskstream` binary: parse flags, set up logging and the file limit, serve.
+//! The `taskstream` binary: parse flags, set up logging and the file limit, serve (or mint a token).
 
 use clap::Parser;
 use log::{error, info, warn};
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
-use taskstream::{app, config::Config, shutdown};
+use taskstream::config::{Cli, Command, TokenArgs};
+use taskstream::{app, auth, shutdown, tls};
 
 #[actix_web::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = cli.command {
+        return token(&args);
+    }
+    let config = cli.config;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Checked before the address is printed, so a bad certificate never looks like a started server.
+    let scheme = match tls::server_config(&config) {
+        Ok(Some(_)) => "https",
+        Ok(None) => "http",
+        Err(e) => {
+            error!("TLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     raise_file_limit(config.max_subscribers.into());
     let listener = match TcpListener::bind(&config.bind) {
         Ok(listener) => listener,
@@ -23,10 +37,11 @@ async fn main() -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.bind.clone(), |a| a.to_string());
     // Tests and scripts read this line to find a port chosen with `--bind 127.0.0.1:0`.
-    println!("taskstream listening on http://{address}");
+    println!("taskstream listening on {scheme}://{address}");
     let _ = std::io::stdout().flush();
-    info!("listening on http://{address} (buffer {} events, keep-alive {}s, retry {}ms, max {} subscribers)",
-        config.buffer, config.keep_alive, config.retry, config.max_subscribers);
+    info!("listening on {scheme}://{address} (buffer {} events, keep-alive {}s, retry {}ms, max {} subscribers, auth {})",
+        config.buffer, config.keep_alive, config.retry, config.max_subscribers,
+        if config.auth_enabled() { "on" } else { "off" });
     match app::run(listener, config, shutdown::signal_received()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -45,5 +60,36 @@ fn raise_file_limit(max_subscribers: u64) {
         ),
         Ok(limit) => info!("open-file limit {limit}"),
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// `taskstream token`: prints a signed JWT on stdout, nothing else, so `$(taskstream token ...)`
+/// can be used in scripts.
+fn token(args: &TokenArgs) -> ExitCode {
+    let private_key = match &args.jwt_private_key {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("taskstream token: cannot read {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let mint = auth::Mint {
+        subject: &args.sub,
+        publish: &args.publish,
+        subscribe: &args.subscribe,
+        ttl: args.ttl,
+    };
+    match auth::mint(&mint, args.jwt_secret.as_ref(), private_key.as_deref()) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("taskstream token: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

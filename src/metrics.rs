@@ -13,6 +13,7 @@ pub struct Metrics {
     pub rejected_subscribers: IntCounter,
     pub http_requests: IntCounterVec,
     pub backend_up: IntGauge,
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,6 +60,18 @@ impl Metrics {
             &["status"],
         )
         .unwrap();
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused with 429, by limit (publish: --publish-rate; subscribers_per_ip: --max-subscribers-per-ip)",
+            ),
+            &["limit"],
+        )
+        .unwrap();
+        // Both series exist from the start, so dashboards and alerts see 0 rather than nothing.
+        for limit in ["publish", "subscribers_per_ip"] {
+            rate_limited.with_label_values(&[limit]);
+        }
         register(Box::new(subscribers.clone()));
         register(Box::new(ws_clients.clone()));
         register(Box::new(events_published.clone()));
@@ -73,6 +86,7 @@ impl Metrics {
         .unwrap();
         register(Box::new(http_requests.clone()));
         register(Box::new(backend_up.clone()));
+        register(Box::new(rate_limited.clone()));
         Metrics {
             registry,
             subscribers,
@@ -84,6 +98,7 @@ impl Metrics {
             rejected_subscribers,
             http_requests,
             backend_up,
+            rate_limited,
         }
     }
 

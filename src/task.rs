@@ -47,7 +47,9 @@ impl TaskId {
 
     pub fn from_json(value: &Value) -> Result<Self, InvalidTaskId> {
         match value {
-            Value::Number(n) => match n.as_u64() {
+            // `101.0` and `1.01e2` are the number 101 in JSON (and an integer to JSON Schema, as
+            // schemathesis pointed out); anything with a fraction is not.
+            Value::Number(n) => match n.as_u64().or_else(|| integral(n.as_f64()?)) {
                 Some(n) if (1..=MAX_NUMERIC_ID).contains(&n) => Ok(TaskId::Number(n)),
                 _ => Err(InvalidTaskId),
             },
@@ -55,6 +57,11 @@ impl TaskId {
             _ => Err(InvalidTaskId),
         }
     }
+}
+
+/// The integer a float holds exactly, if any (within the range of exact integers in an f64).
+fn integral(f: f64) -> Option<u64> {
+    (f.fract() == 0.0 && (1.0..=MAX_NUMERIC_ID as f64).contains(&f)).then_some(f as u64)
 }
 
 impl fmt::Display for TaskId {
@@ -66,6 +73,31 @@ impl fmt::Display for TaskId {
     }
 }
 
+/// Either form, as the SPEC allows it on input; answers use the number when canonical.
+impl utoipa::PartialSchema for TaskId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .maximum(Some(MAX_NUMERIC_ID)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(format!("^[A-Za-z0-9_.:-]{{1,{MAX_STRING_ID_CHARS}}}$"))),
+            )
+            .description(Some(
+                "A positive integer (at most 2^53-1) or a string of 1 to 128 characters from [A-Za-z0-9_.:-]; 101 and \"101\" name the same task",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TaskId {}
+
 impl Serialize for TaskId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -76,14 +108,23 @@ impl Serialize for TaskId {
 }
 
 /// The stored task. Optional fields stay absent until first set; `assignee` may be set to null.
-#[derive(Debug, Clone, PartialEq)]
+// The schema attributes describe what `Serialize` below writes; schemathesis checks they agree.
+#[derive(Debug, Clone, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Task {
     pub task_id: TaskId,
+    #[schema(nullable = false, min_length = 1, max_length = 64)]
     pub status: Option<String>,
+    #[schema(nullable = false, max_length = 256)]
     pub title: Option<String>,
+    #[schema(value_type = Option<String>, max_length = 128)]
     pub assignee: Option<Option<String>>,
+    /// Any JSON object, at most 16 KiB serialised.
+    #[schema(value_type = Option<Object>, nullable = false)]
     pub data: Option<Map<String, Value>>,
+    #[schema(minimum = 1)]
     pub version: u64,
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
@@ -319,6 +360,7 @@ mod tests {
     fn decimal_strings_fold_into_numbers_but_leading_zeros_do_not() {
         assert_eq!(TaskId::parse("101"), Ok(TaskId::Number(101)));
         assert_eq!(TaskId::from_json(&json!(101)), Ok(TaskId::Number(101)));
+        assert_eq!(TaskId::from_json(&json!(101.0)), Ok(TaskId::Number(101)));
         assert_eq!(TaskId::parse("0101"), Ok(TaskId::Text("0101".into())));
         assert_eq!(TaskId::parse("0"), Ok(TaskId::Text("0".into())));
         assert_eq!(
@@ -337,7 +379,10 @@ mod tests {
             json!(0),
             json!(-1),
             json!(1.5),
+            json!(0.0),
             json!(9007199254740992u64),
+            json!(9007199254740992.0),
+            json!(1e300),
             json!(null),
             json!([1]),
         ] {
@@ -411,6 +456,17 @@ mod tests {
             .unwrap_err()
             .0
             .contains("not valid JSON"));
+    }
+
+    /// Found by the fuzz checks: without serde_json's `float_roundtrip`, this number changed on
+    /// its way through taskstream.
+    #[test]
+    fn numbers_in_data_come_back_exactly() {
+        let body = br#"{"task_id": 1, "data": {"x": 2.857975898750237e-233, "y": 0.1}}"#;
+        let (id, patch) = TaskPatch::parse(body).unwrap();
+        let task = patch.apply(id, None, "t".into());
+        let served = serde_json::to_string(&task.data).unwrap();
+        assert_eq!(served, r#"{"x":2.857975898750237e-233,"y":0.1}"#);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `GET /events`: a subscription from the hub as a `text/event-stream` of shared, pre-encoded frames.
 
 use crate::app::AppState;
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::event::{reset_frame, retry_frame, KEEP_ALIVE_FRAME};
-use crate::hub::{Delivery, Resume, Subscription, TaskFilter};
+use crate::hub::{Delivery, Resume, Subscription};
+use crate::limits::IpSlot;
 use crate::routes::connection::{peer, ConnectionLog};
 use crate::task::TaskId;
 use actix_web::body::{BodySize, MessageBody};
@@ -14,31 +16,52 @@ use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 
+#[utoipa::path(
+    get, path = "/events", tag = "events",
+    description = "The event stream (docs/events.md): a retry field, then replayed and live events, and keep-alive comments.",
+    params(
+        ("task_id" = Option<Vec<String>>, Query, description = "only these tasks' events (repeated or comma-separated)"),
+        ("last_event_id" = Option<String>, Query, description = "resume after this id; the Last-Event-ID header wins"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "resume after this id (browsers send it on reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "an invalid task_id in the filter", body = crate::openapi::ErrorBody),
+        (status = 429, description = "over --max-subscribers-per-ip", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+        (status = 503, description = "--max-subscribers reached, or shutting down", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds, 1 to 5"))),
+    )
+)]
 pub async fn events(
     req: HttpRequest,
     state: web::Data<AppState>,
+    access: Access,
 ) -> Result<HttpResponse, ApiError> {
     let query = EventsQuery::parse(&req)?;
+    let filter = access.task_filter(query.filter)?;
+    let ip_slot = state.limits.subscriber_slot(&req)?;
     let subscription = state
         .backend
-        .subscribe(query.resume, query.filter.clone())
+        .subscribe(query.resume, filter.clone())
         .await?;
     let log = ConnectionLog::open(
         "subscriber",
         peer(&req),
         state.metrics.subscribers.clone(),
         format_args!(
-            "resume={:?} filter={}",
+            "sub={} resume={:?} filter={}",
+            access.subject().unwrap_or("-"),
             query.resume,
-            query.filter.as_ref().map_or(0, |f| f.len())
+            filter.ids.as_ref().map_or(0, |f| f.len())
         ),
     );
-    let body = EventStream::new(subscription, state.retry, state.keep_alive, log);
+    let mut body = EventStream::new(subscription, state.retry, state.keep_alive, log);
+    body.ip_slot = ip_slot;
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -49,7 +72,7 @@ pub async fn events(
 
 struct EventsQuery {
     resume: Resume,
-    filter: TaskFilter,
+    filter: HashSet<TaskId>,
 }
 
 impl EventsQuery {
@@ -67,7 +90,7 @@ impl EventsQuery {
                         filter.insert(id);
                     }
                 }
-                // Unknown parameters (cache busters, access_token for proxies) are ignored.
+                // Unknown parameters (cache busters) are ignored; access_token is read by `Access`.
                 _ => {}
             }
         }
@@ -77,7 +100,6 @@ impl EventsQuery {
             .get("last-event-id")
             .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
         let resume = Resume::from_client(header_id.or(query_id).as_deref());
-        let filter = (!filter.is_empty()).then(|| Arc::new(filter));
         Ok(EventsQuery { resume, filter })
     }
 }
@@ -89,6 +111,8 @@ pub struct EventStream {
     subscription: Subscription,
     keep_alive: Interval,
     log: ConnectionLog,
+    /// Its place under `--max-subscribers-per-ip`, given back when the body is dropped.
+    ip_slot: Option<IpSlot>,
 }
 
 impl EventStream {
@@ -105,6 +129,7 @@ impl EventStream {
             subscription,
             keep_alive,
             log,
+            ip_slot: None,
         }
     }
 }
@@ -134,7 +159,7 @@ impl MessageBody for EventStream {
             Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
                 Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
             }
-            // The hub closed (shutdown): end after the last complete frame.
+            // The hub closed (shutdown) or the token expired: end after the last complete frame.
             Poll::Ready(None) => Poll::Ready(None),
             // A comment on every tick while idle, so the gap between bytes never exceeds the
             // period; polling only when idle costs a busy stream nothing.

@@ -6,6 +6,11 @@ use actix_web::{web, HttpResponse};
 
 /// `200 {"status":"ok"}`, or `503 {"status":"degraded","error":...}` while the store (Redis) is
 /// unreachable: load balancers read 503 as "send traffic elsewhere".
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses(
+        (status = 200, description = "alive", body = crate::openapi::Health),
+        (status = 503, description = "degraded: the store (Redis) is unreachable", body = crate::openapi::Health),
+    ))]
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     match state.backend.health().await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })),
@@ -14,10 +19,20 @@ pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "this document", content_type = "application/json", body = Object)))]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(crate::openapi::document())
 }
 
 // The built board is committed, so `cargo build` embeds it with no npm step.
@@ -25,6 +40,8 @@ const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
 const APP_JS: &[u8] = include_bytes!("../../web/dist/app.js");
 const APP_CSS: &[u8] = include_bytes!("../../web/dist/app.css");
 
+#[utoipa::path(get, path = "/", tag = "ops",
+    responses((status = 200, description = "the live task board", content_type = "text/html", body = String)))]
 pub async fn index() -> HttpResponse {
     page(INDEX_HTML, "text/html; charset=utf-8")
 }

@@ -1,6 +1,7 @@
 //! Task endpoints: `POST /update_task`, `GET /tasks`, `GET|DELETE /tasks/{task_id}`.
 
 use crate::app::AppState;
+use crate::auth::Access;
 use crate::backend::{idempotency_key, BackendError};
 use crate::error::ApiError;
 use crate::task::{TaskId, TaskPatch};
@@ -11,17 +12,45 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::json;
 
-/// Larger bodies answer 413 without being read further.
+/// The default `--max-body-bytes`: larger bodies answer 413 without being read further.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+#[utoipa::path(
+    post, path = "/update_task", tag = "tasks",
+    description = "Creates or updates one task; the fields given replace the stored ones. Answers as soon as the change is stored and its event queued.",
+    request_body(content = crate::openapi::UpdateTask, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+            description = "1 to 255 visible ASCII characters; a key accepted within --idempotency-window gets the first answer again and publishes nothing")),
+    responses(
+        (status = 202, description = "stored and queued", body = crate::openapi::Accepted),
+        (status = 400, description = "invalid body or Idempotency-Key", body = crate::openapi::ErrorBody),
+        (status = 408, description = "the body did not arrive within --request-timeout", body = crate::openapi::ErrorBody),
+        (status = 413, description = "body over --max-body-bytes", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorBody),
+        (status = 429, description = "over --publish-rate", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+    )
+)]
 pub async fn update_task(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    access: Access,
 ) -> Result<HttpResponse, ApiError> {
+    state.limits.check_publish(&access, &req)?;
     let idempotency_key = idempotency_key_header(&req)?;
-    let body = read_json_body(&req, payload).await?;
+    let limits = &state.limits;
+    let body = tokio::time::timeout(
+        limits.body_timeout,
+        read_json_body(&req, payload, limits.max_body_bytes),
+    )
+    .await
+    .map_err(|_| ApiError::RequestTimeout(limits.body_timeout.as_secs()))??;
     let (task_id, patch) = TaskPatch::parse(&body).map_err(|e| ApiError::BadRequest(e.0))?;
+    access.check_publish(&task_id)?;
+    let idempotency_key = idempotency_key.map(|key| access.scope_idempotency_key(key));
     let accepted = state
         .backend
         .update(task_id, patch, idempotency_key)
@@ -30,28 +59,75 @@ pub async fn update_task(
         .json(json!({ "event_id": accepted.event_id, "task": accepted.task })))
 }
 
-pub async fn list_tasks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let snapshot = state.backend.snapshot().await?;
+#[utoipa::path(
+    get, path = "/tasks", tag = "tasks",
+    description = "A snapshot of every task the caller may see, and the id of the last event it includes.",
+    responses(
+        (status = 200, description = "the snapshot", body = crate::openapi::Snapshot),
+        (status = 503, description = "the store is unavailable", body = crate::openapi::ErrorBody),
+    )
+)]
+pub async fn list_tasks(
+    state: web::Data<AppState>,
+    access: Access,
+) -> Result<HttpResponse, ApiError> {
+    access.check_subscribe_any()?;
+    let mut snapshot = state.backend.snapshot().await?;
+    // `last_event_id` stays the global position: resuming from it replays only this token's
+    // tasks anyway, since the subscription filters the replay the same way.
+    snapshot.tasks.retain(|task| access.may_see(&task.task_id));
     Ok(HttpResponse::Ok()
         .json(json!({ "last_event_id": snapshot.last_event_id, "tasks": snapshot.tasks })))
 }
 
+#[utoipa::path(
+    get, path = "/tasks/{task_id}", tag = "tasks",
+    params(("task_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$", description = "the task id")),
+    responses(
+        (status = 200, description = "the task", body = crate::task::Task),
+        (status = 400, description = "not a valid task id", body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such task", body = crate::openapi::ErrorBody),
+        (status = 503, description = "the store is unavailable", body = crate::openapi::ErrorBody),
+    )
+)]
 pub async fn get_task(
     path: web::Path<String>,
     state: web::Data<AppState>,
+    access: Access,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = path_task_id(&path)?;
+    // Refused before the lookup, so a 403 never tells whether the task exists.
+    access.check_subscribe(&task_id)?;
     match state.backend.get(&task_id).await? {
         Some(task) => Ok(HttpResponse::Ok().json(task)),
         None => Err(BackendError::NotFound(task_id).into()),
     }
 }
 
+#[utoipa::path(
+    delete, path = "/tasks/{task_id}", tag = "tasks",
+    description = "Removes the task and publishes task_deleted.",
+    params(("task_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$", description = "the task id")),
+    responses(
+        (status = 202, description = "removed; task_deleted queued", body = crate::openapi::Deleted),
+        (status = 400, description = "not a valid task id", body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such task", body = crate::openapi::ErrorBody),
+        (status = 429, description = "over --publish-rate", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "whole seconds"))),
+    )
+)]
 pub async fn delete_task(
+    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
+    access: Access,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id = state.backend.delete(path_task_id(&path)?).await?;
+    state.limits.check_publish(&access, &req)?;
+    let task_id = path_task_id(&path)?;
+    access.check_publish(&task_id)?;
+    let event_id = state.backend.delete(task_id).await?;
     Ok(HttpResponse::Accepted().json(json!({ "event_id": event_id })))
 }
 
@@ -69,27 +145,28 @@ fn idempotency_key_header(req: &HttpRequest) -> Result<Option<String>, ApiError>
         .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-/// Reads at most `MAX_BODY_BYTES`, then insists on a JSON content type.
+/// Reads at most `max` bytes, then insists on a JSON content type.
 async fn read_json_body(
     req: &HttpRequest,
     mut payload: web::Payload,
+    max: usize,
 ) -> Result<BytesMut, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
-        return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    if declared.is_some_and(|len| len > max) {
+        return Err(ApiError::PayloadTooLarge(max));
     }
     let mut body = BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| match e {
-            PayloadError::Overflow => ApiError::PayloadTooLarge(MAX_BODY_BYTES),
+            PayloadError::Overflow => ApiError::PayloadTooLarge(max),
             other => ApiError::BadRequest(format!("could not read the body: {other}")),
         })?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        if body.len() + chunk.len() > max {
+            return Err(ApiError::PayloadTooLarge(max));
         }
         body.extend_from_slice(&chunk);
     }

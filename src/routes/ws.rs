@@ -1,20 +1,23 @@
 //! `GET /ws`: the same hub, replay and filter as `/events`, plus publishing, over one WebSocket.
 
 use crate::app::AppState;
+use crate::auth::Access;
 use crate::backend::idempotency_key;
 use crate::error::ApiError;
 use crate::event::reset_ws_message;
-use crate::hub::{Delivery, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::hub::{Delivery, Resume, SubscribeError, Subscription};
+use crate::limits::IpSlot;
 use crate::routes::connection::{peer, ConnectionLog};
 use crate::routes::tasks::MAX_BODY_BYTES;
 use crate::task::{TaskId, TaskPatch};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use bytestring::ByteString;
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::time::{interval_at, MissedTickBehavior};
 
 /// Frames above this are refused by the codec (the connection closes with 1009); messages above
@@ -22,6 +25,14 @@ use tokio::time::{interval_at, MissedTickBehavior};
 /// `413` on `POST /update_task`.
 const MAX_FRAME_BYTES: usize = 2 * MAX_BODY_BYTES;
 
+#[utoipa::path(
+    get, path = "/ws", tag = "events",
+    description = "The event stream and publishing over one WebSocket (docs/api.md, GET /ws). Auth failures close the socket with 1008 after the upgrade, since browsers cannot read a refused upgrade's status.",
+    responses(
+        (status = 101, description = "switching to the WebSocket protocol"),
+        (status = 400, description = "not a WebSocket upgrade request", body = crate::openapi::ErrorBody),
+    )
+)]
 pub async fn ws(
     req: HttpRequest,
     body: web::Payload,
@@ -33,27 +44,43 @@ pub async fn ws(
         .max_frame_size(MAX_FRAME_BYTES)
         .aggregate_continuations()
         .max_continuation_size(MAX_FRAME_BYTES);
+    // A refused upgrade shows in a browser only as close 1006, which looks like "retry"; so the
+    // upgrade goes through and an auth failure is the close code 1008 with the reason.
+    let access = Access::extract(&req).await;
     let log = ConnectionLog::open(
         "websocket client",
         peer(&req),
         state.metrics.ws_clients.clone(),
-        format_args!(""),
+        format_args!(
+            "sub={}",
+            access
+                .as_ref()
+                .ok()
+                .and_then(Access::subject)
+                .unwrap_or("-")
+        ),
     );
     let connection = Connection {
         state: state.into_inner(),
+        req,
         session,
         subscription: None,
+        ip_slot: None,
         unanswered_pings: 0,
         log,
     };
-    actix_web::rt::spawn(connection.run(messages));
+    actix_web::rt::spawn(connection.run(access, messages));
     Ok(response)
 }
 
 struct Connection {
     state: Arc<AppState>,
+    /// The upgrade request: the client's address for the per-IP limits.
+    req: HttpRequest,
     session: Session,
     subscription: Option<Subscription>,
+    /// Its place under `--max-subscribers-per-ip` while subscribed.
+    ip_slot: Option<IpSlot>,
     unanswered_pings: u32,
     log: ConnectionLog,
 }
@@ -69,28 +96,38 @@ fn close(code: CloseCode, description: &str) -> Stop {
 }
 
 impl Connection {
-    async fn run(mut self, mut messages: AggregatedMessageStream) {
+    async fn run(
+        mut self,
+        access: Result<Access, ApiError>,
+        mut messages: AggregatedMessageStream,
+    ) {
         let keep_alive = self.state.keep_alive;
         let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let closing = self.state.hub.closing();
-        let stop = if self.state.hub.is_full() {
-            close(CloseCode::Again, "too many subscribers")
-        } else {
-            loop {
-                let step = tokio::select! {
-                    _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
-                    message = messages.next() => self.on_message(message).await,
-                    delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
-                    _ = ping.tick() => self.on_ping_tick().await,
-                };
-                if let Err(stop) = step {
-                    break stop;
+        let stop = match access {
+            Err(error) => close(CloseCode::Policy, &error.to_string()),
+            Ok(_) if self.state.hub.is_full() => close(CloseCode::Again, "too many subscribers"),
+            Ok(access) => {
+                let expiry = token_expiry(&access);
+                tokio::pin!(expiry);
+                loop {
+                    let step = tokio::select! {
+                        _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                        () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
+                        message = messages.next() => self.on_message(&access, message).await,
+                        delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                        _ = ping.tick() => self.on_ping_tick().await,
+                    };
+                    if let Err(stop) = step {
+                        break stop;
+                    }
                 }
             }
         };
         // Free the hub place before the close handshake, which a dead client never finishes.
         self.subscription = None;
+        self.ip_slot = None;
         if let Stop(Some(reason)) = stop {
             let _ = tokio::time::timeout(keep_alive, self.session.close(Some(reason))).await;
         }
@@ -135,13 +172,17 @@ impl Connection {
             Some(Delivery::Reset { newest, reason }) => {
                 self.send(reset_ws_message(newest, reason.as_str())).await
             }
-            // The hub closed: the server is shutting down.
-            None => Err(close(CloseCode::Away, "server shutting down")),
+            // The hub closed (shutting down), or the subscription reached its token's expiry.
+            None if self.state.hub.closing().is_cancelled() => {
+                Err(close(CloseCode::Away, "server shutting down"))
+            }
+            None => Err(close(CloseCode::Policy, "token expired")),
         }
     }
 
     async fn on_message(
         &mut self,
+        access: &Access,
         message: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
     ) -> Result<(), Stop> {
         match message {
@@ -150,7 +191,7 @@ impl Connection {
                 Err(close(CloseCode::Size, "message too large"))
             }
             Some(Err(e)) => Err(close(CloseCode::Protocol, &e.to_string())),
-            Some(Ok(AggregatedMessage::Text(text))) => self.on_text(&text).await,
+            Some(Ok(AggregatedMessage::Text(text))) => self.on_text(access, &text).await,
             Some(Ok(AggregatedMessage::Binary(_))) => {
                 self.send_error(
                     Value::Null,
@@ -169,7 +210,7 @@ impl Connection {
         }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<(), Stop> {
+    async fn on_text(&mut self, access: &Access, text: &str) -> Result<(), Stop> {
         if text.len() > MAX_BODY_BYTES {
             let error = format!("message is larger than {MAX_BODY_BYTES} bytes");
             return self.send_error(Value::Null, error).await;
@@ -189,8 +230,8 @@ impl Connection {
         };
         let request_id = fields.remove("request_id").unwrap_or(Value::Null);
         match fields.remove("type").as_ref().and_then(Value::as_str) {
-            Some("subscribe") => self.on_subscribe(request_id, fields).await,
-            Some("update_task") => self.on_update(request_id, fields).await,
+            Some("subscribe") => self.on_subscribe(access, request_id, fields).await,
+            Some("update_task") => self.on_update(access, request_id, fields).await,
             Some(other) => {
                 let error =
                     format!("unknown message type `{other}`; expected subscribe or update_task");
@@ -206,10 +247,13 @@ impl Connection {
     /// Starts, or restarts, delivery with the same replay, reset and filter rules as `/events`.
     async fn on_subscribe(
         &mut self,
+        access: &Access,
         request_id: Value,
         mut fields: Map<String, Value>,
     ) -> Result<(), Stop> {
-        let filter = match parse_task_ids(fields.remove("task_ids")) {
+        let filter = match parse_task_ids(fields.remove("task_ids"))
+            .and_then(|ids| access.task_filter(ids).map_err(|e| e.to_string()))
+        {
             Ok(filter) => filter,
             Err(error) => return self.send_error(request_id, error).await,
         };
@@ -223,8 +267,18 @@ impl Connection {
                 format!("unknown field `{unknown}` in subscribe; allowed: task_ids, last_event_id");
             return self.send_error(request_id, error).await;
         }
-        // The old subscription's place is given back before the new one takes one.
+        // The old subscription's places are given back before the new one takes them.
         self.subscription = None;
+        self.ip_slot = None;
+        match self.state.limits.subscriber_slot(&self.req) {
+            Ok(slot) => self.ip_slot = slot,
+            Err(_) => {
+                return Err(close(
+                    CloseCode::Again,
+                    "too many subscribers from this address",
+                ))
+            }
+        }
         match self.state.backend.subscribe(resume, filter).await {
             Ok(subscription) => {
                 self.subscription = Some(subscription);
@@ -238,26 +292,11 @@ impl Connection {
     /// Publishes exactly like `POST /update_task`: the same validation, limits and idempotency.
     async fn on_update(
         &mut self,
+        access: &Access,
         request_id: Value,
-        mut fields: Map<String, Value>,
+        fields: Map<String, Value>,
     ) -> Result<(), Stop> {
-        let key = match fields.remove("idempotency_key") {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(key)) => idempotency_key(&key).map(Some),
-            Some(_) => idempotency_key("").map(Some),
-        };
-        let outcome = match key {
-            Err(e) => Err(ApiError::BadRequest(e.to_string())),
-            Ok(key) => match TaskPatch::from_fields(fields) {
-                Err(e) => Err(ApiError::BadRequest(e.0)),
-                Ok((task_id, patch)) => self
-                    .state
-                    .backend
-                    .update(task_id, patch, key)
-                    .await
-                    .map_err(ApiError::from),
-            },
-        };
+        let outcome = self.publish(access, fields).await;
         match outcome {
             Ok(accepted) => {
                 let ack = json!({
@@ -271,6 +310,41 @@ impl Connection {
             Err(error) => self.send_error(request_id, error).await,
         }
     }
+
+    /// The steps of `POST /update_task`, in its order: rate limit, idempotency key, body,
+    /// permission, then the store.
+    async fn publish(
+        &self,
+        access: &Access,
+        mut fields: Map<String, Value>,
+    ) -> Result<Arc<crate::backend::Accepted>, ApiError> {
+        self.state.limits.check_publish(access, &self.req)?;
+        let key = match fields.remove("idempotency_key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(key)) => Some(idempotency_key(&key)),
+            Some(_) => Some(idempotency_key("")),
+        }
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let (task_id, patch) =
+            TaskPatch::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
+        access.check_publish(&task_id)?;
+        let key = key.map(|key| access.scope_idempotency_key(key));
+        Ok(self.state.backend.update(task_id, patch, key).await?)
+    }
+}
+
+/// Resolves when the token expires (never when auth is off).
+async fn token_expiry(access: &Access) {
+    match access.expires_at() {
+        Some(expires) => {
+            let left = expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_delivery(subscription: &mut Option<Subscription>) -> Option<Delivery> {
@@ -281,15 +355,13 @@ async fn next_delivery(subscription: &mut Option<Subscription>) -> Option<Delive
     }
 }
 
-fn parse_task_ids(value: Option<Value>) -> Result<TaskFilter, String> {
+fn parse_task_ids(value: Option<Value>) -> Result<HashSet<TaskId>, String> {
     let ids = match value {
-        None | Some(Value::Null) => return Ok(None),
+        None | Some(Value::Null) => return Ok(HashSet::new()),
         Some(Value::Array(ids)) => ids,
         Some(_) => return Err("task_ids must be an array of task ids".into()),
     };
-    let filter = ids
-        .iter()
+    ids.iter()
         .map(|id| TaskId::from_json(id).map_err(|e| format!("task_ids: {id}: {e}")))
-        .collect::<Result<HashSet<_>, _>>()?;
-    Ok((!filter.is_empty()).then(|| Arc::new(filter)))
+        .collect()
 }

@@ -72,6 +72,7 @@ impl TestServer {
     }
 
     async fn spawn(args: &[&str], env: &[(&str, &str)], redis_url: Option<&str>) -> TestServer {
+        install_crypto_provider();
         let mut command = Command::new(env!("CARGO_BIN_EXE_taskstream"));
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
@@ -138,6 +139,22 @@ impl TestServer {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until the server has logged a line containing `needle`; answers all logs so far.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} in:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// POSTs a JSON body; answers the status and the JSON answer.
@@ -641,4 +658,45 @@ impl WsClient {
             }
         }
     }
+}
+
+/// reqwest is built without a TLS provider of its own; the tests use ring, as the server does.
+pub fn install_crypto_provider() {
+    // Fails only when a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The HS256 secret the auth tests run the server with.
+pub const SECRET: &str = "integration-test-secret";
+
+/// A token signed with `SECRET`, minted the way `taskstream token` does.
+pub fn token(sub: &str, publish: &[&str], subscribe: &[&str], ttl: Duration) -> String {
+    let owned = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    taskstream::auth::mint(
+        &taskstream::auth::Mint {
+            subject: sub,
+            publish: &owned(publish),
+            subscribe: &owned(subscribe),
+            ttl,
+        },
+        Some(&SECRET.parse().unwrap()),
+        None,
+    )
+    .unwrap()
+}
+
+/// A token for everything, for an hour.
+pub fn admin_token() -> String {
+    token("admin", &["*"], &["*"], Duration::from_secs(3600))
+}
+
+/// A fresh directory for files a test writes (keys, certificates).
+pub fn temp_dir() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("taskstream-test-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -1,7 +1,9 @@
 //! End-to-end tests: each starts a real `taskstream` on a random loopback port and speaks HTTP.
 
+mod auth;
 mod errors;
 mod events;
+mod guards;
 mod helpers;
 mod limits;
 mod redis;
@@ -9,4 +11,5 @@ mod resume;
 mod shutdown;
 mod slow;
 mod tasks;
+mod tls;
 mod ws;
