@@ -1,0 +1,725 @@
+//! One SSE subscriber: connects, checks the response head, parses frames and
+//! tracks loss / duplicates / order / id monotonicity and end-to-end latency.
+
+use std::cell::RefCell;
+use std::cmp::Ordering as CmpOrdering;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Semaphore};
+
+use crate::http::{self, Dechunker, ResponseHead};
+use crate::sse::{self, Event, SseParser};
+
+pub const RUN: u8 = 0;
+pub const DISCONNECT: u8 = 1;
+pub const RECONNECT: u8 = 2;
+pub const STOP: u8 = 3;
+
+/// Wall-clock nanoseconds (CLOCK_REALTIME), shared by publisher and subscribers.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+/// What every subscriber shares with the controller.
+pub struct Shared {
+    pub connected: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub disconnected: AtomicUsize,
+    pub reconnected: AtomicUsize,
+    pub refailed: AtomicUsize,
+    pub caught_up: AtomicUsize,
+    pub last_caught_up_ns: AtomicU64,
+    pub last_reconnect_ns: AtomicU64,
+    pub delivered: [AtomicU64; 2],
+    pub last_delivery_ns: [AtomicU64; 2],
+    pub e2e: [Mutex<Histogram<u64>>; 2],
+    /// Seqs whose publish was not acknowledged (sorted): not expected.
+    pub unpublished: Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    pub fn new() -> Self {
+        Shared {
+            connected: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            disconnected: AtomicUsize::new(0),
+            reconnected: AtomicUsize::new(0),
+            refailed: AtomicUsize::new(0),
+            caught_up: AtomicUsize::new(0),
+            last_caught_up_ns: AtomicU64::new(0),
+            last_reconnect_ns: AtomicU64::new(0),
+            delivered: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_delivery_ns: [AtomicU64::new(0), AtomicU64::new(0)],
+            e2e: [Mutex::new(new_hist()), Mutex::new(new_hist())],
+            unpublished: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Static configuration of all subscribers.
+pub struct SubCfg {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+    pub run: u64,
+    /// Size of the seq space (all events this run may publish).
+    pub total_seq: u64,
+    /// Storm phase: events with seq below this were seen before the reconnect.
+    pub storm_lo: u64,
+    /// Storm phase: number of events (from `storm_lo`) that must be replayed.
+    pub storm_replay: u64,
+    /// Publisher connections per batch (events carry their publisher index).
+    pub publishers: usize,
+    /// Source addresses to spread connections over (empty: kernel's choice).
+    pub source_ips: Vec<Ipv4Addr>,
+    pub head_timeout: Duration,
+}
+
+impl SubCfg {
+    fn source(&self, idx: usize, attempt: usize) -> Option<IpAddr> {
+        if self.source_ips.is_empty() {
+            None
+        } else {
+            let k = self.source_ips.len();
+            Some(IpAddr::V4(
+                self.source_ips[(idx + attempt * (k / 2).max(1)) % k],
+            ))
+        }
+    }
+}
+
+/// Counters of one connection (one phase).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PhaseStats {
+    /// Events of this run received (including duplicates).
+    pub received: u64,
+    /// Distinct seqs received inside the expected range.
+    pub distinct: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    /// Events whose id was not strictly greater than the previous one.
+    pub id_not_increasing: u64,
+    /// Events without an `id:` field.
+    pub missing_id: u64,
+    pub resets: u64,
+    /// Events that are not from this run (other publishers, other types).
+    pub foreign: u64,
+    pub bad_json: u64,
+    /// The server closed the stream (EOF) while it should have stayed open.
+    pub closed_by_server: bool,
+    pub error: Option<String>,
+    /// When this connection had received every replayed event (storm phase).
+    pub caught_up_ns: Option<u64>,
+    /// Expected events that never arrived, by publishing batch: the first
+    /// events, the storm's replayed ones, the storm's live ones.
+    pub missing_by_batch: [u64; 3],
+    /// A few of the missing seqs.
+    pub missing_samples: Vec<u64>,
+}
+
+/// Everything a subscriber reports at the end.
+#[derive(Debug, Default, Clone)]
+pub struct SubResult {
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub content_type_ok: bool,
+    pub cache_control_ok: bool,
+    pub x_accel_ok: bool,
+    pub first_field_retry: Option<bool>,
+    pub phases: Vec<PhaseStats>,
+    pub storm_status: Option<u16>,
+    pub storm_error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    data: Option<Inner>,
+}
+
+#[derive(Deserialize)]
+struct Inner {
+    run: Option<u64>,
+    #[serde(rename = "pub")]
+    publisher: Option<usize>,
+    seq: Option<u64>,
+    sent_ns: Option<u64>,
+}
+
+struct Tracker {
+    seen: Vec<u64>,
+    /// Publishing happens in batches (first events, storm replay set, storm
+    /// live events); every event of a batch was acknowledged before the next
+    /// batch started, and each publisher connection sends one event after the
+    /// other. So an event is out of order when a later batch was already seen,
+    /// or when its publisher's previous event had a larger seq.
+    batch_bounds: [u64; 2],
+    max_batch: Option<usize>,
+    last_by_pub: Vec<u64>,
+    publishers: usize,
+    prev_id: Vec<u128>,
+    has_prev: bool,
+    tmp_id: Vec<u128>,
+    st: PhaseStats,
+    replay_lo: u64,
+    replay_hi: u64,
+    replay_got: u64,
+    caught_reported: bool,
+}
+
+impl Tracker {
+    fn new(cfg: &SubCfg, premark_below: u64, replay: u64) -> Self {
+        let total = cfg.total_seq;
+        let mut seen = vec![0u64; (total as usize).div_ceil(64)];
+        for s in 0..premark_below.min(total) {
+            seen[(s / 64) as usize] |= 1 << (s % 64);
+        }
+        let batch_bounds = [cfg.storm_lo, cfg.storm_lo + cfg.storm_replay];
+        let publishers = cfg.publishers.max(1);
+        Tracker {
+            seen,
+            batch_bounds,
+            max_batch: (premark_below > 0).then_some(0),
+            last_by_pub: vec![u64::MAX; 3 * publishers],
+            publishers,
+            prev_id: Vec::new(),
+            has_prev: false,
+            tmp_id: Vec::new(),
+            st: PhaseStats::default(),
+            replay_lo: premark_below,
+            replay_hi: premark_below + replay,
+            replay_got: 0,
+            caught_reported: false,
+        }
+    }
+
+    fn out_of_order(&mut self, seq: u64, publisher: usize) -> bool {
+        let batch = if seq < self.batch_bounds[0] {
+            0
+        } else if seq < self.batch_bounds[1] {
+            1
+        } else {
+            2
+        };
+        let mut ooo = matches!(self.max_batch, Some(b) if b > batch);
+        self.max_batch = Some(self.max_batch.map_or(batch, |b| b.max(batch)));
+        let slot = &mut self.last_by_pub[batch * self.publishers + publisher % self.publishers];
+        if *slot != u64::MAX && *slot > seq {
+            ooo = true;
+        }
+        if *slot == u64::MAX || seq > *slot {
+            *slot = seq;
+        }
+        ooo
+    }
+
+    /// Returns Some(latency_ns) for an event of this run.
+    fn on_event(&mut self, ev: &Event<'_>, run: u64, recv_ns: u64) -> Option<u64> {
+        if ev.had_id {
+            sse::id_groups(ev.id, &mut self.tmp_id);
+            if self.has_prev && sse::cmp_groups(&self.tmp_id, &self.prev_id) != CmpOrdering::Greater
+            {
+                self.st.id_not_increasing += 1;
+            }
+            std::mem::swap(&mut self.tmp_id, &mut self.prev_id);
+            self.has_prev = true;
+        } else {
+            self.st.missing_id += 1;
+        }
+        if ev.kind == b"reset" {
+            self.st.resets += 1;
+            return None;
+        }
+        let p: Payload = match serde_json::from_slice(ev.data) {
+            Ok(p) => p,
+            Err(_) => {
+                self.st.bad_json += 1;
+                return None;
+            }
+        };
+        let Some(Inner {
+            run: Some(r),
+            publisher,
+            seq: Some(seq),
+            sent_ns,
+        }) = p.data
+        else {
+            self.st.foreign += 1;
+            return None;
+        };
+        if r != run || seq >= self.seen.len() as u64 * 64 {
+            self.st.foreign += 1;
+            return None;
+        }
+        self.st.received += 1;
+        let (w, b) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if self.seen[w] & b != 0 {
+            self.st.duplicated += 1;
+        } else {
+            self.seen[w] |= b;
+            self.st.distinct += 1;
+            if self.out_of_order(seq, publisher.unwrap_or(0)) {
+                self.st.out_of_order += 1;
+            }
+            if seq >= self.replay_lo && seq < self.replay_hi {
+                self.replay_got += 1;
+                if self.replay_got == self.replay_hi - self.replay_lo {
+                    self.st.caught_up_ns = Some(recv_ns);
+                }
+            }
+        }
+        Some(recv_ns.saturating_sub(sent_ns.unwrap_or(recv_ns)))
+    }
+}
+
+/// Per-connection body decoding state.
+struct Conn {
+    dechunk: Option<Dechunker>,
+    decoded: Vec<u8>,
+    sse: SseParser,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 64 * 1024]);
+}
+
+enum Exit {
+    Ctrl(u8),
+    Eof,
+    Error(String),
+}
+
+fn build_get(cfg: &SubCfg, last_id: Option<&[u8]>) -> Vec<u8> {
+    let mut req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: taskstream-bench\r\n",
+        cfg.path, cfg.host
+    )
+    .into_bytes();
+    if let Some(id) = last_id {
+        req.extend_from_slice(b"Last-Event-ID: ");
+        req.extend_from_slice(id);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req
+}
+
+async fn open(
+    cfg: &SubCfg,
+    src: Option<IpAddr>,
+    last_id: Option<&[u8]>,
+) -> Result<(TcpStream, ResponseHead, Vec<u8>)> {
+    let fut = async {
+        let mut stream = http::connect(cfg.addr, src)
+            .await
+            .map_err(|e| anyhow!("connect: {e}"))?;
+        stream
+            .write_all(&build_get(cfg, last_id))
+            .await
+            .map_err(|e| anyhow!("write request: {e}"))?;
+        let mut buf = Vec::with_capacity(2048);
+        loop {
+            stream.readable().await.map_err(|e| anyhow!("read: {e}"))?;
+            let start = buf.len();
+            buf.resize(start + 4096, 0);
+            match stream.try_read(&mut buf[start..]) {
+                Ok(0) => bail!("connection closed before response head"),
+                Ok(n) => buf.truncate(start + n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    buf.truncate(start);
+                    continue;
+                }
+                Err(e) => bail!("read head: {e}"),
+            }
+            if let Some((head, used)) = http::parse_head(&buf)? {
+                let rest = buf.split_off(used);
+                return Ok((stream, head, rest));
+            }
+        }
+    };
+    match tokio::time::timeout(cfg.head_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => bail!("no response head within {:?}", cfg.head_timeout),
+    }
+}
+
+impl Conn {
+    fn new(head: &ResponseHead) -> Self {
+        Conn {
+            dechunk: head.chunked().then(Dechunker::new),
+            decoded: Vec::new(),
+            sse: SseParser::new(),
+        }
+    }
+
+    /// Decode raw body bytes and run every event through the tracker.
+    fn process(
+        &mut self,
+        raw: &[u8],
+        tracker: &mut Tracker,
+        run: u64,
+        recv_ns: u64,
+        lat: &mut Vec<u64>,
+    ) -> Result<()> {
+        let mut on = |ev: Event<'_>| {
+            if let Some(l) = tracker.on_event(&ev, run, recv_ns) {
+                lat.push(l);
+            }
+        };
+        match &mut self.dechunk {
+            Some(d) => {
+                self.decoded.clear();
+                d.feed(raw, &mut self.decoded)?;
+                self.sse.feed(&self.decoded, &mut on);
+                if d.done() {
+                    bail!("server ended the chunked stream");
+                }
+            }
+            None => self.sse.feed(raw, &mut on),
+        }
+        Ok(())
+    }
+}
+
+fn flush_latencies(
+    shared: &Shared,
+    tracker: &mut Tracker,
+    phase: usize,
+    lat: &mut Vec<u64>,
+    recv_ns: u64,
+) {
+    if let (false, Some(t)) = (tracker.caught_reported, tracker.st.caught_up_ns) {
+        tracker.caught_reported = true;
+        shared.caught_up.fetch_add(1, Ordering::Relaxed);
+        shared.last_caught_up_ns.fetch_max(t, Ordering::Relaxed);
+    }
+    if lat.is_empty() {
+        return;
+    }
+    shared.delivered[phase].fetch_add(lat.len() as u64, Ordering::Relaxed);
+    shared.last_delivery_ns[phase].fetch_max(recv_ns, Ordering::Relaxed);
+    let mut h = shared.e2e[phase].lock().expect("histogram lock");
+    for &ns in lat.iter() {
+        h.saturating_record((ns / 1000).max(1));
+    }
+    lat.clear();
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    stream: &mut TcpStream,
+    conn: &mut Conn,
+    tracker: &mut Tracker,
+    initial: Vec<u8>,
+    cfg: &SubCfg,
+    shared: &Shared,
+    phase: usize,
+    ctrl: &mut watch::Receiver<u8>,
+    current: u8,
+) -> Exit {
+    let mut lat = Vec::with_capacity(64);
+    if !initial.is_empty() {
+        let now = now_ns();
+        let r = conn.process(&initial, tracker, cfg.run, now, &mut lat);
+        flush_latencies(shared, tracker, phase, &mut lat, now);
+        if let Err(e) = r {
+            return Exit::Error(e.to_string());
+        }
+    }
+    loop {
+        tokio::select! {
+            biased;
+            c = ctrl.changed() => {
+                let v = if c.is_err() { STOP } else { *ctrl.borrow_and_update() };
+                if v != current {
+                    return Exit::Ctrl(v);
+                }
+            }
+            r = stream.readable() => {
+                if let Err(e) = r {
+                    return Exit::Error(e.to_string());
+                }
+                loop {
+                    let res = SCRATCH.with(|s| {
+                        let mut s = s.borrow_mut();
+                        match stream.try_read(&mut s) {
+                            Ok(0) => Ok(0),
+                            Ok(n) => {
+                                let now = now_ns();
+                                let r = conn.process(&s[..n], tracker, cfg.run, now, &mut lat);
+                                flush_latencies(shared, tracker, phase, &mut lat, now);
+                                r.map(|_| n).map_err(|e| std::io::Error::other(e.to_string()))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    });
+                    match res {
+                        Ok(0) => return Exit::Eof,
+                        Ok(n) if n < 64 * 1024 => break,
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Exit::Error(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn wait_ctrl(ctrl: &mut watch::Receiver<u8>, current: u8) -> u8 {
+    loop {
+        let v = *ctrl.borrow_and_update();
+        if v != current {
+            return v;
+        }
+        if ctrl.changed().await.is_err() {
+            return STOP;
+        }
+    }
+}
+
+fn check_head(res: &mut SubResult, head: &ResponseHead) {
+    res.content_type_ok = head
+        .header("content-type")
+        .map(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
+        .unwrap_or(false);
+    res.cache_control_ok = head
+        .header("cache-control")
+        .map(|v| v.to_ascii_lowercase().contains("no-cache"))
+        .unwrap_or(false);
+    res.x_accel_ok = head
+        .header("x-accel-buffering")
+        .map(|v| v.trim().eq_ignore_ascii_case("no"))
+        .unwrap_or(false);
+}
+
+/// Close a phase's books: which expected seqs (`lo..hi`, minus the ones whose
+/// publish failed) never arrived.
+fn finish_phase(tracker: Tracker, exit: &Exit, shared: &Shared, lo: u64, hi: u64) -> PhaseStats {
+    let unpublished = shared.unpublished.lock().expect("unpublished lock").clone();
+    let mut st = tracker.st;
+    for seq in lo..hi.min(tracker.seen.len() as u64 * 64) {
+        if tracker.seen[(seq / 64) as usize] & (1 << (seq % 64)) != 0
+            || unpublished.binary_search(&seq).is_ok()
+        {
+            continue;
+        }
+        let batch = if seq < tracker.batch_bounds[0] {
+            0
+        } else if seq < tracker.batch_bounds[1] {
+            1
+        } else {
+            2
+        };
+        st.missing_by_batch[batch] += 1;
+        if st.missing_samples.len() < 5 {
+            st.missing_samples.push(seq);
+        }
+    }
+    match exit {
+        Exit::Eof => st.closed_by_server = true,
+        Exit::Error(e) => st.error = Some(e.clone()),
+        Exit::Ctrl(_) => {}
+    }
+    st
+}
+
+/// The whole life of one subscriber, driven by the controller through `ctrl`.
+pub async fn run_sub(
+    idx: usize,
+    cfg: Arc<SubCfg>,
+    shared: Arc<Shared>,
+    mut ctrl: watch::Receiver<u8>,
+    sem: Arc<Semaphore>,
+    storm_sem: Option<Arc<Semaphore>>,
+) -> SubResult {
+    let mut res = SubResult::default();
+    let opened = {
+        let _permit = sem.acquire().await;
+        open(&cfg, cfg.source(idx, 0), None).await
+    };
+    let (mut stream, head, rest) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            res.error = Some(e.to_string());
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            if wait_ctrl(&mut ctrl, RUN).await == DISCONNECT {
+                shared.disconnected.fetch_add(1, Ordering::Relaxed);
+            }
+            return res;
+        }
+    };
+    res.status = Some(head.status);
+    check_head(&mut res, &head);
+    if head.status != 200 {
+        res.error = Some(format!("status {}", head.status));
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        drop(stream);
+        if wait_ctrl(&mut ctrl, RUN).await == DISCONNECT {
+            shared.disconnected.fetch_add(1, Ordering::Relaxed);
+        }
+        return res;
+    }
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Conn::new(&head);
+    let mut tracker = Tracker::new(&cfg, 0, 0);
+    let exit = read_loop(
+        &mut stream,
+        &mut conn,
+        &mut tracker,
+        rest,
+        &cfg,
+        &shared,
+        0,
+        &mut ctrl,
+        RUN,
+    )
+    .await;
+    res.first_field_retry = conn.sse.first_field_retry;
+    res.phases
+        .push(finish_phase(tracker, &exit, &shared, 0, cfg.storm_lo));
+    let next = match exit {
+        Exit::Ctrl(v) => v,
+        _ => wait_ctrl(&mut ctrl, RUN).await,
+    };
+    if next != DISCONNECT {
+        return res;
+    }
+    // Storm: drop the connection, wait for the signal, reconnect with the last
+    // id we saw.
+    drop(stream);
+    shared.disconnected.fetch_add(1, Ordering::Relaxed);
+    if wait_ctrl(&mut ctrl, DISCONNECT).await != RECONNECT {
+        return res;
+    }
+    let last_id = conn.sse.last_id().to_vec();
+    let opened = {
+        let _permit = match &storm_sem {
+            Some(s) => Some(s.acquire().await),
+            None => None,
+        };
+        open(&cfg, cfg.source(idx, 1), Some(&last_id)).await
+    };
+    let (mut stream, head, rest) = match opened {
+        Ok(x) if x.1.status == 200 => x,
+        Ok(x) => {
+            res.storm_status = Some(x.1.status);
+            res.storm_error = Some(format!("status {}", x.1.status));
+            shared.refailed.fetch_add(1, Ordering::Relaxed);
+            return res;
+        }
+        Err(e) => {
+            res.storm_error = Some(e.to_string());
+            shared.refailed.fetch_add(1, Ordering::Relaxed);
+            return res;
+        }
+    };
+    res.storm_status = Some(head.status);
+    shared
+        .last_reconnect_ns
+        .fetch_max(now_ns(), Ordering::Relaxed);
+    shared.reconnected.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Conn::new(&head);
+    let mut tracker = Tracker::new(&cfg, cfg.storm_lo, cfg.storm_replay);
+    let exit = read_loop(
+        &mut stream,
+        &mut conn,
+        &mut tracker,
+        rest,
+        &cfg,
+        &shared,
+        1,
+        &mut ctrl,
+        RECONNECT,
+    )
+    .await;
+    res.phases.push(finish_phase(
+        tracker,
+        &exit,
+        &shared,
+        cfg.storm_lo,
+        cfg.total_seq,
+    ));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(events: u64, back: u64, live: u64, publishers: usize) -> SubCfg {
+        SubCfg {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            host: "127.0.0.1:1".into(),
+            path: "/events".into(),
+            run: 7,
+            total_seq: events + back + live,
+            storm_lo: events,
+            storm_replay: back,
+            publishers,
+            source_ips: Vec::new(),
+            head_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn feed(t: &mut Tracker, id: &str, run: u64, publisher: usize, seq: u64) {
+        let data = format!(
+            r#"{{"event":"task_updated","task_id":1,"data":{{"run":{run},"pub":{publisher},"seq":{seq},"sent_ns":1}}}}"#
+        );
+        let ev = Event {
+            kind: b"task_updated",
+            data: data.as_bytes(),
+            id: id.as_bytes(),
+            had_id: true,
+        };
+        t.on_event(&ev, 7, 2);
+    }
+
+    #[test]
+    fn counts_dups_disorder_ids_and_foreign() {
+        let c = cfg(10, 0, 0, 2);
+        let mut t = Tracker::new(&c, 0, 0);
+        feed(&mut t, "1-1", 7, 0, 0);
+        feed(&mut t, "1-2", 7, 1, 3); // other publisher ahead: fine
+        feed(&mut t, "1-3", 7, 0, 1);
+        feed(&mut t, "1-4", 7, 1, 2); // publisher 1 went backwards
+        feed(&mut t, "1-5", 7, 0, 1); // duplicate
+        feed(&mut t, "1-5", 7, 0, 4); // id did not increase
+        feed(&mut t, "1-6", 8, 0, 5); // another run
+        assert_eq!(t.st.received, 6);
+        assert_eq!(t.st.distinct, 5);
+        assert_eq!(t.st.duplicated, 1);
+        assert_eq!(t.st.out_of_order, 1);
+        assert_eq!(t.st.id_not_increasing, 1);
+        assert_eq!(t.st.foreign, 1);
+    }
+
+    #[test]
+    fn storm_phase_premarks_and_catches_up() {
+        let c = cfg(10, 3, 2, 1);
+        let mut t = Tracker::new(&c, 10, 3);
+        feed(&mut t, "2-1", 7, 0, 9); // replayed from before Last-Event-ID
+        assert_eq!(t.st.duplicated, 1);
+        feed(&mut t, "2-2", 7, 0, 10);
+        feed(&mut t, "2-3", 7, 0, 11);
+        assert!(t.st.caught_up_ns.is_none());
+        feed(&mut t, "2-4", 7, 0, 13); // live event before the replay ended
+        feed(&mut t, "2-5", 7, 0, 12);
+        assert_eq!(t.st.out_of_order, 1);
+        assert!(t.st.caught_up_ns.is_some());
+    }
+}
