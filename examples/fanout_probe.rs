@@ -1,5 +1,6 @@
-//! A small load probe for docs/scaling.md: N raw SSE subscribers spread over the nodes, a paced
-//! publisher spread over the nodes, deliveries/s and publish-to-delivery latency percentiles.
+//! A small load probe for docs/scaling.md: N raw SSE subscribers (or, with `--transport ws`,
+//! WebSocket clients) spread over the nodes, a paced publisher spread over the nodes,
+//! deliveries/s and publish-to-delivery latency percentiles.
 //!
 //! ```sh
 //! cargo run --release --example fanout_probe -- \
@@ -22,6 +23,7 @@ struct Args {
     subscribers: usize,
     rate: u64,
     seconds: u64,
+    websocket: bool,
 }
 
 fn parse_args() -> Args {
@@ -30,6 +32,7 @@ fn parse_args() -> Args {
         subscribers: 1000,
         rate: 200,
         seconds: 15,
+        websocket: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,6 +42,7 @@ fn parse_args() -> Args {
             "--subscribers" => args.subscribers = value.parse().expect("--subscribers N"),
             "--rate" => args.rate = value.parse().expect("--rate events/s"),
             "--seconds" => args.seconds = value.parse().expect("--seconds S"),
+            "--transport" => args.websocket = value == "ws",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -65,8 +69,46 @@ fn sent_at(frame: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// One `/ws` client: subscribes live, then times each event message like an SSE frame.
+async fn websocket_subscriber(
+    node: &str,
+    received: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Vec<u64>>>,
+    measuring: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{node}/ws"))
+        .await
+        .expect("WebSocket handshake");
+    socket
+        .send(Message::Text(r#"{"type":"subscribe"}"#.into()))
+        .await
+        .expect("a fresh socket takes the subscribe");
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let arrived = now_ns();
+            if let Message::Text(text) = message {
+                if let Some(sent) = sent_at(text.as_bytes()) {
+                    if measuring.load(Ordering::Relaxed) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        // Only these pushes hold the lock; none can panic while holding it.
+                        latencies
+                            .lock()
+                            .expect("no panic under this lock")
+                            .push(arrived.saturating_sub(sent));
+                    }
+                }
+            }
+        }
+    })
+}
+
 #[tokio::main]
 async fn main() {
+    // reqwest is built without a TLS provider of its own (the tests install ring too); fails only
+    // when one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = parse_args();
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
@@ -76,6 +118,10 @@ async fn main() {
         let node = args.nodes[n % args.nodes.len()].clone();
         let (received, latencies, measuring) =
             (received.clone(), latencies.clone(), measuring.clone());
+        if args.websocket {
+            subscribers.push(websocket_subscriber(&node, received, latencies, measuring).await);
+            continue;
+        }
         let mut socket = tokio::net::TcpStream::connect(&node)
             .await
             .expect("connect");
