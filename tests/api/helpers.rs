@@ -622,8 +622,11 @@ impl WsClient {
 
     pub async fn receive(&mut self) -> WsReceived {
         use tokio_tungstenite::tungstenite::Message;
+        // One deadline for the whole wait: pings arrive every --keep-alive and must not keep
+        // extending it.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.socket.next())
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
                 .expect("a WebSocket message in time");
             match next {

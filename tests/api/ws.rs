@@ -234,8 +234,13 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed_and_f
         received = answering.receive() => panic!("unexpected {received:?}"),
     }
     answering.send(json!({"type": "subscribe"})).await;
-    let live = server.update(json!({"task_id": 1})).await;
-    assert_eq!(answering.json().await["id"], json!(live));
+    // Published over the same socket, so after the subscribe: the event must come back too.
+    let (ack, event) = publish_over(
+        &mut answering,
+        json!({"type": "update_task", "request_id": 1, "task_id": 1}),
+    )
+    .await;
+    assert_eq!(event["id"], ack["event_id"]);
     assert!(
         answering.pings >= 2,
         "the server pinged the answering client ({} pings) and kept it",
