@@ -66,9 +66,25 @@ impl Pattern {
             (Pattern::All, _) => true,
             (Pattern::Exact(id), _) => id == task_id,
             (Pattern::Prefix(prefix), TaskId::Text(text)) => text.starts_with(&**prefix),
-            (Pattern::Prefix(prefix), TaskId::Number(n)) => n.to_string().starts_with(&**prefix),
+            (Pattern::Prefix(prefix), TaskId::Number(n)) => decimal_starts_with(*n, prefix),
         }
     }
+}
+
+/// `n.to_string().starts_with(prefix)` without allocating: this runs for every event on every
+/// subscription whose token has a prefix pattern.
+fn decimal_starts_with(mut n: u64, prefix: &str) -> bool {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits[start..].starts_with(prefix.as_bytes())
 }
 
 /// A token's patterns for one right; empty allows nothing.
@@ -499,6 +515,26 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numeric_ids_match_prefixes_like_their_decimal_text() {
+        for (n, prefix) in [
+            (101, "1"),
+            (101, "10"),
+            (101, "101"),
+            (101, "1010"),
+            (101, "2"),
+            (0, "0"),
+            (u64::MAX, "1844"),
+            (7, ""),
+        ] {
+            assert_eq!(
+                decimal_starts_with(n, prefix),
+                n.to_string().starts_with(prefix),
+                "{n} {prefix}"
+            );
+        }
+    }
     use actix_web::test::TestRequest;
 
     fn id(text: &str) -> TaskId {
