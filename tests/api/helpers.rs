@@ -593,7 +593,12 @@ pub enum WsReceived {
 
 impl WsClient {
     pub async fn connect(server: &TestServer) -> WsClient {
-        let url = server.url("/ws").replacen("http://", "ws://", 1);
+        Self::connect_to(server, "/ws").await
+    }
+
+    /// `path` is `/ws` with a query, such as `?access_token=...`.
+    pub async fn connect_to(server: &TestServer, path: &str) -> WsClient {
+        let url = server.url(path).replacen("http://", "ws://", 1);
         let (socket, response) =
             tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
                 .await

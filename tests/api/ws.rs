@@ -383,3 +383,68 @@ async fn websocket_and_http_publishers_reach_both_transports_in_one_order() {
     assert_eq!(ws_ids, sse_ids);
     assert!(sse_ids.windows(2).all(|w| id_key(&w[0]) < id_key(&w[1])));
 }
+
+#[tokio::test]
+async fn with_auth_on_a_bad_token_closes_with_1008_and_a_token_limits_what_the_socket_sees_and_publishes(
+) {
+    use crate::helpers::{admin_token, token, SECRET};
+    let server = TestServer::start(&["--jwt-secret", SECRET]).await;
+    for path in ["/ws".to_owned(), "/ws?access_token=not.a.jwt".to_owned()] {
+        let mut refused = WsClient::connect_to(&server, &path).await;
+        assert_eq!(refused.close_code().await, Some(1008), "{path}");
+    }
+
+    let narrow = token(
+        "ana",
+        &["proj-7:*"],
+        &["proj-7:*"],
+        Duration::from_secs(3600),
+    );
+    let mut ws = WsClient::connect_to(&server, &format!("/ws?access_token={narrow}")).await;
+    ws.send(json!({"type": "subscribe", "task_ids": [101], "request_id": "s"}))
+        .await;
+    let refused = ws.json().await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["request_id"].as_str()),
+        (Some("error"), Some("s"))
+    );
+    ws.send(json!({"type": "update_task", "request_id": "p", "task_id": 101}))
+        .await;
+    let refused = ws.json().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("may not publish"),
+        "{refused}"
+    );
+
+    ws.send(json!({"type": "subscribe"})).await;
+    let admin = WsClient::connect_to(&server, &format!("/ws?access_token={}", admin_token())).await;
+    let mut admin = admin;
+    for task_id in [json!(101), json!("proj-7:a")] {
+        admin
+            .send(json!({"type": "update_task", "request_id": 1, "task_id": task_id}))
+            .await;
+        assert_eq!(admin.json().await["type"], "ack");
+    }
+    // Its own publish comes after both of the admin's: of the three, it sees proj-7:a then its own.
+    ws.send(json!({"type": "update_task", "request_id": 2, "task_id": "proj-7:b"}))
+        .await;
+    let mut seen = Vec::new();
+    let mut acked = false;
+    while !(acked && seen.last() == Some(&json!("proj-7:b"))) {
+        let message = ws.json().await;
+        match message["type"].as_str() {
+            Some("ack") => acked = true,
+            Some("event") => seen.push(message["data"]["task_id"].clone()),
+            _ => panic!("unexpected {message}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [json!("proj-7:a"), json!("proj-7:b")],
+        "101 is never delivered"
+    );
+}
