@@ -12,7 +12,8 @@
 # Installs nothing: it says what is missing and stops.
 # Environment: TASKSTREAM_BIN (default target/release/taskstream),
 # BENCH_BIN (default: built with cargo), NCHAN_PORT (18090),
-# TASKSTREAM_PORT (18080), BUDGET (seconds for all runs, default 570).
+# TASKSTREAM_PORT (18080), BUDGET (seconds for all runs, default 570),
+# BENCH_ARGS (more taskstream-bench flags for every run, e.g. "--threads 2").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
         --workloads) WORKLOADS="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -168,6 +169,8 @@ for w in $WORKLOADS; do
         if [ "$w" = smoke ]; then preset=(--smoke); else preset=(--workload "$w"); fi
         common=("${preset[@]}" --label "$server" --out "$json"
                 --max-duration "$cap" --url "http://127.0.0.1:$port")
+        # shellcheck disable=SC2206 # word splitting is the point
+        common+=(${BENCH_ARGS:-})
         rc=0
         if [ "$server" = nchan ]; then
             start_nchan

@@ -656,6 +656,15 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
         } else {
             None
         };
+        let mut catch_up_us = sub::new_hist();
+        for &t in shared
+            .caught_up_at_ns
+            .lock()
+            .expect("caught_up_at_ns lock")
+            .iter()
+        {
+            catch_up_us.saturating_record((t.saturating_sub(storm_start_ns) / 1000).max(1));
+        }
         let pub_live = live.await.map_err(|e| anyhow!("live publisher: {e}"))?;
         {
             let mut u = shared.unpublished.lock().expect("unpublished lock");
@@ -692,6 +701,7 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
                 / 1e9,
             caught_up,
             catch_up_seconds,
+            catch_up_us,
             complete_seconds,
             storm_wall: t_storm.elapsed().as_secs_f64(),
             mem_before: mem_storm_before,
@@ -811,6 +821,8 @@ pub struct StormRun {
     pub reconnect_seconds: f64,
     pub caught_up: usize,
     pub catch_up_seconds: Option<f64>,
+    /// Per subscriber: from the reconnect signal until it had every replayed event.
+    pub catch_up_us: hdrhistogram::Histogram<u64>,
     pub complete_seconds: f64,
     pub storm_wall: f64,
     pub mem_before: Mem,

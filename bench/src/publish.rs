@@ -61,7 +61,32 @@ fn request(cfg: &PubCfg, publisher: usize, seq: u64, sent_ns: u64) -> Vec<u8> {
 /// Publish seqs `lo..lo+count`. With `rate`, seq `lo+i` is sent no earlier
 /// than `start + i/rate`; without, each publisher sends back to back.
 /// Stops early at `stop_at`; each request may take at most 10 s.
+///
+/// The publishers get a thread and runtime of their own: on the subscribers'
+/// runtime each publish would queue behind thousands of readers, and "as fast
+/// as the server accepts" would measure the tool's scheduler instead.
 pub async fn publish(
+    cfg: Arc<PubCfg>,
+    lo: u64,
+    count: u64,
+    rate: Option<f64>,
+    stop_at: Instant,
+) -> PubResult {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("publishers".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("publisher runtime");
+            let _ = tx.send(rt.block_on(publish_here(cfg, lo, count, rate, stop_at)));
+        })
+        .expect("spawn publisher thread");
+    rx.await.expect("publisher thread panicked")
+}
+
+async fn publish_here(
     cfg: Arc<PubCfg>,
     lo: u64,
     count: u64,

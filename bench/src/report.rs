@@ -155,6 +155,9 @@ pub struct StormRep {
     pub caught_up: usize,
     /// From the reconnect signal until every subscriber had every replayed event.
     pub catch_up_seconds: Option<f64>,
+    /// Per subscriber: from the reconnect signal until it had every replayed event.
+    #[serde(default)]
+    pub catch_up_us: Lat,
     /// From the reconnect signal until the last delivery (replay + live).
     pub complete_seconds: f64,
     pub rss_before_kb: Option<u64>,
@@ -489,6 +492,7 @@ pub fn build(i: Inputs) -> Report {
             reconnect_seconds: round3(s.reconnect_seconds),
             caught_up: s.caught_up,
             catch_up_seconds: s.catch_up_seconds.map(round3),
+            catch_up_us: Lat::of(&s.catch_up_us),
             complete_seconds: round3(s.complete_seconds),
             rss_before_kb: s.mem_before.rss_kb,
             publish_back: PublishRep::of(&s.pub_back, i.plan.storm_back),
@@ -711,6 +715,11 @@ pub fn human(r: &Report) -> String {
                 .unwrap_or("never".into()),
             st.complete_seconds
         );
+        let _ = writeln!(
+            o,
+            "  catch-up time per subscriber: {}",
+            lat_line(&st.catch_up_us)
+        );
         delivery_lines(&mut o, &st.delivery);
     }
     if let Some(e) = &s.exit {
@@ -806,6 +815,13 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
                         .map(|v| format!("{v:.2} s"))
                         .unwrap_or("—(not all)".into())
                 ));
+                if s.catch_up_us.count > 0 {
+                    notes.push(format!(
+                        "per subscriber p50 {:.2} s, p99 {:.2} s",
+                        s.catch_up_us.p50 as f64 / 1e6,
+                        s.catch_up_us.p99 as f64 / 1e6
+                    ));
+                }
                 (
                     s.delivery.deliveries_per_sec,
                     d.lost + s.delivery.lost,

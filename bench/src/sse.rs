@@ -65,7 +65,7 @@ impl SseParser {
         }
         while pos < input.len() {
             let rest = &input[pos..];
-            let Some(eol) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            let Some(eol) = memchr::memchr2(b'\n', b'\r', rest) else {
                 break;
             };
             let line = &rest[..eol];
@@ -110,7 +110,7 @@ impl SseParser {
             self.comments += 1;
             return;
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
+        let (name, value) = match memchr::memchr(b':', line) {
             Some(c) => {
                 let v = &line[c + 1..];
                 (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
