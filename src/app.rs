@@ -228,7 +228,11 @@ pub async fn run(
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout)
     // A reconnect storm of thousands of clients must not overflow the accept queue.
-    .backlog(8192);
+    .backlog(8192)
+    // actix keeps a connection's write buffer at the largest size it reached (up to 128 KiB),
+    // and a replay fills it to this threshold before flushing: with actix's 32 KiB, every
+    // stream that ever replayed kept about 40 KiB after a reconnect storm.
+    .h1_write_buffer_size(8 * 1024);
     if let Some(workers) = config.workers {
         server = server.workers(workers.into());
     }
