@@ -6,18 +6,24 @@
 #   bench/compare.sh --workloads "a f"    # a subset ("smoke" is one too)
 #   bench/compare.sh --only taskstream    # one server (also: --only nchan)
 #   bench/compare.sh --out DIR            # keep the JSON reports and logs in DIR
+#   bench/compare.sh --sweep "100 1000 10000"
+#       # instead of the workloads, for each subscriber count: "tput-N" (as a,
+#       # max rate, 2,000,000/N events, 200 to 2,000) and "lat-N" (as b, at 20
+#       # events/s for 5 s); bench/plot.py draws them (docs/performance.md)
 #
 # Every server is started fresh for every workload (so RSS per subscriber is
 # measured on a clean process) on a loopback port, and stopped afterwards.
 # Installs nothing: it says what is missing and stops.
 # Environment: TASKSTREAM_BIN (default target/release/taskstream),
 # BENCH_BIN (default: built with cargo), NCHAN_PORT (18090),
-# TASKSTREAM_PORT (18080), BUDGET (seconds for all runs, default 570),
+# TASKSTREAM_PORT (18080), BUDGET (seconds for all runs, default 570; 1200
+# with --sweep),
 # BENCH_ARGS (more taskstream-bench flags for every run, e.g. "--threads 2").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKLOADS="a b c d e f"
+SWEEP=""
 ONLY=""
 OUT=""
 NCHAN_PORT="${NCHAN_PORT:-18090}"
@@ -30,7 +36,8 @@ while [ $# -gt 0 ]; do
         --workloads) WORKLOADS="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --sweep) SWEEP="$2"; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -129,9 +136,30 @@ stop_nchan() {
 cap_for() {
     case "$1" in
         a) echo 60 ;; b) echo 40 ;; c) echo 30 ;; d) echo 60 ;; e) echo 120 ;;
-        f) echo 25 ;; smoke) echo 20 ;; *) echo 60 ;;
+        f) echo 25 ;; smoke) echo 20 ;; lat-*) echo 30 ;; *) echo 60 ;;
     esac
 }
+
+# The tool's flags for one run: a preset workload, or a point of the sweep.
+args_for() {
+    local n
+    case "$1" in
+        smoke) echo --smoke ;;
+        tput-*)
+            n="${1#tput-}"
+            echo --workload a -n "$n" -m "$(( (2000000 / n) < 200 ? 200 : ((2000000 / n) > 2000 ? 2000 : 2000000 / n) ))"
+            ;;
+        lat-*) echo --workload b -n "${1#lat-}" --rate 20 -m 100 ;;
+        *) echo --workload "$1" ;;
+    esac
+}
+
+RUNS="$WORKLOADS"
+if [ -n "$SWEEP" ]; then
+    RUNS=""
+    for n in $SWEEP; do RUNS="$RUNS tput-$n lat-$n"; done
+    BUDGET="${BUDGET:-1200}"
+fi
 BUDGET="${BUDGET:-570}"
 
 for server in $SERVERS; do
@@ -149,7 +177,7 @@ done
 START=$(date +%s)
 echo "reports and logs: $OUT" >&2
 # Workload by workload, each server in turn, so both see similar conditions.
-for w in $WORKLOADS; do
+for w in $RUNS; do
     for server in $SERVERS; do
         elapsed=$(($(date +%s) - START))
         cap=$(cap_for "$w")
@@ -166,7 +194,7 @@ for w in $WORKLOADS; do
         esac
         echo "=== $server, workload $w (cap ${cap} s; ${elapsed} s so far, load $(cut -d' ' -f1 /proc/loadavg))" >&2
         json="$OUT/$server-$w.json"
-        if [ "$w" = smoke ]; then preset=(--smoke); else preset=(--workload "$w"); fi
+        read -r -a preset <<<"$(args_for "$w")"
         common=("${preset[@]}" --label "$server" --out "$json"
                 --max-duration "$cap" --url "http://127.0.0.1:$port")
         # shellcheck disable=SC2206 # word splitting is the point
