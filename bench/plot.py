@@ -41,28 +41,53 @@ def clean(report):
     return d["lost"] == 0 and d["duplicated"] == 0 and d["out_of_order"] == 0
 
 
-def plot(script, out):
-    with tempfile.NamedTemporaryFile("w", suffix=".gp", delete=False) as f:
-        f.write(script)
-    subprocess.run(["gnuplot", f.name], check=True)
-    print(f"wrote {out}")
+def throughput_row(report):
+    dps = report["delivery"]["deliveries_per_sec"]
+    return [dps], f"{dps:>9.0f} deliveries/s"
 
 
-def header(out, title, ylabel, log_y):
-    return f"""
+def latency_row(report):
+    ms = [report["delivery"]["e2e_us"][p] / 1000 for p in ("p50", "p90", "p99")]
+    return ms, "p50 {:.2f} ms, p90 {:.2f} ms, p99 {:.2f} ms".format(*ms)
+
+
+def write_series(tmp, kind, server, points, row):
+    """One server's points as a gnuplot data file (`row(report)` gives the columns after the
+    subscriber count, and the text to print); returns the file and the server's colour."""
+    lines = []
+    for n, report in points:
+        columns, text = row(report)
+        lines.append(" ".join(str(c) for c in [n, *columns]))
+        flag = "" if clean(report) else "  (loss, duplicates or disorder)"
+        print(f"{kind:<4} {server:>10} {n:>6} subscribers: {text}{flag}")
+    dat = tmp / f"{kind}-{server}.dat"
+    dat.write_text("\n".join(lines) + "\n")
+    return dat, COLORS.get(server, "#555555")
+
+
+def draw(out, plots, title, ylabel, settings):
+    """Runs gnuplot on `plots` (a list of plot clauses); nothing to draw, nothing written."""
+    if not plots:
+        return
+    script = f"""
 set terminal pngcairo size 900,540 font "DejaVu Sans,11"
 set output "{out}"
 set title "{title}"
 set xlabel "subscribers"
 set ylabel "{ylabel}"
 set logscale x
-{"set logscale y" if log_y else ""}
 set grid xtics ytics mxtics mytics lc rgb "#dddddd"
 set key top left box opaque
 set format x "%.0f"
 set xtics (100, 300, 1000, 3000, 10000)
 set xrange [80:12500]
+{settings}
+plot {", ".join(plots)}
 """
+    with tempfile.NamedTemporaryFile("w", suffix=".gp", delete=False) as f:
+        f.write(script)
+    subprocess.run(["gnuplot", f.name], check=True)
+    print(f"wrote {out}")
 
 
 def main():
@@ -75,55 +100,27 @@ def main():
     runs = load(src)
     tmp = pathlib.Path(tempfile.mkdtemp())
 
-    # Throughput.
     plots = []
     for server, points in sorted(runs["tput"].items()):
-        dat = tmp / f"tput-{server}.dat"
-        lines = []
-        for n, r in points:
-            dps = r["delivery"]["deliveries_per_sec"]
-            lines.append(f"{n} {dps}")
-            flag = "" if clean(r) else "  (loss, duplicates or disorder)"
-            print(f"tput {server:>10} {n:>6} subscribers: {dps:>9.0f} deliveries/s{flag}")
-        dat.write_text("\n".join(lines) + "\n")
-        color = COLORS.get(server, "#555555")
+        dat, color = write_series(tmp, "tput", server, points, throughput_row)
         plots.append(
             f'"{dat}" using 1:2 with linespoints lw 2 pt 7 lc rgb "{color}" title "{server}"'
         )
-    if plots:
-        out = out_dir / "throughput.png"
-        plot(
-            header(out, "Deliveries per second, events published as fast as the server accepts",
-                   "deliveries/s", False)
-            + 'set format y "%.0s%c"\nset yrange [0:*]\nplot ' + ", ".join(plots) + "\n",
-            out,
-        )
+    draw(out_dir / "throughput.png", plots,
+         "Deliveries per second, events published as fast as the server accepts",
+         "deliveries/s", 'set format y "%.0s%c"\nset yrange [0:*]')
 
-    # Latency percentiles.
     plots = []
     for server, points in sorted(runs["lat"].items()):
-        dat = tmp / f"lat-{server}.dat"
-        lines = []
-        for n, r in points:
-            e = r["delivery"]["e2e_us"]
-            lines.append(f"{n} {e['p50'] / 1000} {e['p90'] / 1000} {e['p99'] / 1000}")
-            print(f"lat  {server:>10} {n:>6} subscribers: p50 {e['p50'] / 1000:.2f} ms, "
-                  f"p90 {e['p90'] / 1000:.2f} ms, p99 {e['p99'] / 1000:.2f} ms")
-        dat.write_text("\n".join(lines) + "\n")
-        color = COLORS.get(server, "#555555")
+        dat, color = write_series(tmp, "lat", server, points, latency_row)
         for col, pct, dash in ((2, "p50", 1), (3, "p90", 2), (4, "p99", 3)):
             plots.append(
                 f'"{dat}" using 1:{col} with linespoints lw 2 dt {dash} pt 7 '
                 f'lc rgb "{color}" title "{server} {pct}"'
             )
-    if plots:
-        out = out_dir / "latency.png"
-        plot(
-            header(out, "End-to-end latency at 20 events/s (publish to read by the client)",
-                   "milliseconds (log scale)", True)
-            + "plot " + ", ".join(plots) + "\n",
-            out,
-        )
+    draw(out_dir / "latency.png", plots,
+         "End-to-end latency at 20 events/s (publish to read by the client)",
+         "milliseconds (log scale)", "set logscale y")
 
 
 if __name__ == "__main__":
