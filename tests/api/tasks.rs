@@ -299,7 +299,8 @@ async fn each_request_is_logged_once_at_info() {
     let server = TestServer::start(&[]).await;
     server.update(json!({"task_id": 1})).await;
     let _ = server.get_json("/tasks/1").await;
-    let logs = server.logs();
+    // actix logs a request once its response is sent, which can be after the client has it.
+    let logs = server.wait_for_log("\"GET /tasks/1 HTTP/1.1\" 200").await;
     assert_eq!(
         logs.matches("\"POST /update_task HTTP/1.1\" 202").count(),
         1,
