@@ -167,7 +167,8 @@ struct Args {
     #[arg(long, default_value_t = 300.0)]
     max_duration: f64,
 
-    /// Runtime worker threads (1 = current-thread runtime).
+    /// Worker threads for the subscribers (1 = current-thread runtime); the publishers always
+    /// run on a thread of their own.
     #[arg(long, default_value_t = 1)]
     threads: usize,
 

@@ -39,6 +39,24 @@ pub struct PubResult {
     pub sample_body: Option<String>,
 }
 
+impl PubResult {
+    fn empty() -> Self {
+        PubResult {
+            sent: 0,
+            ok: 0,
+            statuses: BTreeMap::new(),
+            errors: Vec::new(),
+            error_count: 0,
+            failed_seqs: Vec::new(),
+            first_send_ns: u64::MAX,
+            last_ack_ns: 0,
+            seconds: 0.0,
+            latency: new_hist(),
+            sample_body: None,
+        }
+    }
+}
+
 fn request(cfg: &PubCfg, publisher: usize, seq: u64, sent_ns: u64) -> Vec<u8> {
     let body = format!(
         "{{\"task_id\":{},\"data\":{{\"run\":{},\"pub\":{},\"seq\":{},\"sent_ns\":{}}}}}",
@@ -103,19 +121,7 @@ async fn publish_here(
         let next = next.clone();
         handles.push(tokio::spawn(async move {
             let mut conn = HttpConn::new(cfg.addr, None);
-            let mut r = PubResult {
-                sent: 0,
-                ok: 0,
-                statuses: BTreeMap::new(),
-                errors: Vec::new(),
-                error_count: 0,
-                failed_seqs: Vec::new(),
-                first_send_ns: u64::MAX,
-                last_ack_ns: 0,
-                seconds: 0.0,
-                latency: new_hist(),
-                sample_body: None,
-            };
+            let mut r = PubResult::empty();
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= hi {
@@ -192,19 +198,7 @@ async fn publish_here(
             r
         }));
     }
-    let mut total = PubResult {
-        sent: 0,
-        ok: 0,
-        statuses: BTreeMap::new(),
-        errors: Vec::new(),
-        error_count: 0,
-        failed_seqs: Vec::new(),
-        first_send_ns: u64::MAX,
-        last_ack_ns: 0,
-        seconds: 0.0,
-        latency: new_hist(),
-        sample_body: None,
-    };
+    let mut total = PubResult::empty();
     for h in handles {
         let Ok(r) = h.await else { continue };
         total.sent += r.sent;

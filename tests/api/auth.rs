@@ -2,7 +2,9 @@
 //! rights for publishing and for every way of reading (live, replay, snapshot, reset), expiry
 //! ending a stream, public keys, the token subcommand, and no token in the logs.
 
-use crate::helpers::{admin_token, temp_dir, token, Frame, SseStream, TestServer, SECRET};
+use crate::helpers::{
+    admin_token, task_ids, temp_dir, token, Frame, SseStream, TestServer, SECRET,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -344,12 +346,7 @@ async fn a_restricted_subscriber_only_ever_sees_its_tasks_live_replayed_in_the_s
 
     // Snapshot: only its tasks.
     let (_, _, snapshot) = call(&server, Method::GET, "/tasks", Some(&narrow), None).await;
-    let ids: Vec<_> = snapshot["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_id"].clone())
-        .collect();
+    let ids = task_ids(&snapshot);
     assert_eq!(ids, [json!(101), json!("proj-7:a"), json!("proj-7:end")]);
 
     // Replay after a reconnect, by header (the browser's way) and by query.

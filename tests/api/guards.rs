@@ -198,13 +198,7 @@ async fn credentialed_requests_and_streams_get_the_exact_origin_back() {
     assert_eq!(stream.headers["access-control-allow-origin"], ORIGIN);
     assert_eq!(stream.headers["access-control-allow-credentials"], "true");
     assert!(stream.headers.get("connection").is_none());
-    let response = server
-        .client
-        .get(server.url("/tasks"))
-        .header("origin", ORIGIN)
-        .send()
-        .await
-        .unwrap();
+    let response = get_tasks_from(&server, ORIGIN).await;
     assert_eq!(response.headers()["access-control-allow-origin"], ORIGIN);
     let exposed = response.headers()["access-control-expose-headers"]
         .to_str()
@@ -219,13 +213,7 @@ async fn credentialed_requests_and_streams_get_the_exact_origin_back() {
         .unwrap()
         .to_lowercase()
         .contains("origin"));
-    let stranger = server
-        .client
-        .get(server.url("/tasks"))
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+    let stranger = get_tasks_from(&server, "https://evil.example").await;
     assert!(stranger
         .headers()
         .get("access-control-allow-origin")
@@ -235,13 +223,7 @@ async fn credentialed_requests_and_streams_get_the_exact_origin_back() {
 #[tokio::test]
 async fn without_cors_origins_no_cors_headers_are_sent() {
     let server = TestServer::start(&[]).await;
-    let response = server
-        .client
-        .get(server.url("/tasks"))
-        .header("origin", ORIGIN)
-        .send()
-        .await
-        .unwrap();
+    let response = get_tasks_from(&server, ORIGIN).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response
         .headers()
@@ -282,28 +264,27 @@ async fn bodies_and_heads_over_their_limits_are_refused_with_json() {
     assert_eq!(server.snapshot().await["tasks"], json!([]));
 }
 
-/// Reads until the server closes the connection; answers what it sent.
-fn read_until_closed(mut socket: TcpStream) -> String {
-    socket.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut answer = Vec::new();
-    let _ = socket.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer).into_owned()
+/// Sends the start of a request and never the rest; answers what the server sent before it
+/// closed the connection.
+async fn send_part_of_a_request(server: &TestServer, start: &'static [u8]) -> String {
+    let address = server.base.trim_start_matches("http://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut socket = TcpStream::connect(address).unwrap();
+        socket.write_all(start).unwrap();
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
 async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
     let server = TestServer::start(&["--request-timeout", "1"]).await;
-    let address = server.base.trim_start_matches("http://").to_owned();
     let started = Instant::now();
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut socket = TcpStream::connect(address).unwrap();
-        socket
-            .write_all(b"GET /tasks HTTP/1.1\r\nHost: x\r\n")
-            .unwrap();
-        read_until_closed(socket)
-    })
-    .await
-    .unwrap();
+    let answer = send_part_of_a_request(&server, b"GET /tasks HTTP/1.1\r\nHost: x\r\n").await;
     let waited = started.elapsed();
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
@@ -319,17 +300,12 @@ async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
 #[tokio::test]
 async fn a_client_that_sends_its_body_too_slowly_gets_408_and_nothing_changes() {
     let server = TestServer::start(&["--request-timeout", "1"]).await;
-    let address = server.base.trim_start_matches("http://").to_owned();
     let started = Instant::now();
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut socket = TcpStream::connect(address).unwrap();
-        socket
-            .write_all(b"POST /update_task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"task_id\": 1,")
-            .unwrap();
-        read_until_closed(socket)
-    })
-    .await
-    .unwrap();
+    let answer = send_part_of_a_request(
+        &server,
+        b"POST /update_task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"task_id\": 1,",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert!(
         answer.contains(r#"{"error":"the request body did not arrive within 1 seconds"}"#),
@@ -337,4 +313,15 @@ async fn a_client_that_sends_its_body_too_slowly_gets_408_and_nothing_changes() 
     );
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(server.snapshot().await["tasks"], json!([]));
+}
+
+/// `GET /tasks` as a page from `origin` would send it.
+async fn get_tasks_from(server: &TestServer, origin: &str) -> reqwest::Response {
+    server
+        .client
+        .get(server.url("/tasks"))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap()
 }

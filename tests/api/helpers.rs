@@ -564,6 +564,16 @@ impl SseStream {
 }
 
 /// A body that is big enough to make the stream's bytes add up fast.
+/// The `task_id`s of a `GET /tasks` snapshot, in its order.
+pub fn task_ids(snapshot: &Value) -> Vec<Value> {
+    snapshot["tasks"]
+        .as_array()
+        .expect("a snapshot has tasks")
+        .iter()
+        .map(|t| t["task_id"].clone())
+        .collect()
+}
+
 pub fn padded(task_id: u64, seq: u64, pad: usize) -> Value {
     json!({"task_id": task_id, "data": {"seq": seq, "pad": "x".repeat(pad)}})
 }

@@ -1,6 +1,6 @@
 //! The task endpoints: POST /update_task, GET /tasks, GET|DELETE /tasks/{id}, idempotency, ops.
 
-use crate::helpers::{id_key, TestServer};
+use crate::helpers::{id_key, task_ids, TestServer};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -153,12 +153,7 @@ async fn the_snapshot_names_the_last_event_it_includes() {
     let last = server.update(json!({"task_id": 2})).await;
     let snapshot = server.snapshot().await;
     assert_eq!(snapshot["last_event_id"], json!(last));
-    let ids: Vec<_> = snapshot["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_id"].clone())
-        .collect();
+    let ids = task_ids(&snapshot);
     assert_eq!(ids, [json!(1), json!(2)]);
 }
 
