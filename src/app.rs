@@ -1,13 +1,12 @@
-//! The application: shared state, the one route table (for `main` and tests), and `run`.
+//! The application: the one route table, and `run` (serve until a shutdown future resolves, then
+//! stop every stream and background task).
 
-use crate::auth::Authenticator;
-use crate::backend::{memory::MemoryBackend, redis::RedisBackend, Backend};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::hub::Hub;
-use crate::limits::{self, Limits};
-use crate::metrics::Metrics;
+use crate::lifecycle::Lifecycle;
+use crate::middleware;
 use crate::routes::{events, ops, tasks, ws};
+use crate::state::AppState;
 use crate::tls;
 use actix_web::dev::{Service, ServiceRequest};
 use actix_web::middleware::{from_fn, Condition, Logger};
@@ -16,64 +15,7 @@ use futures_util::FutureExt;
 use log::info;
 use std::future::Future;
 use std::net::TcpListener;
-use std::sync::Arc;
 use std::time::Duration;
-
-pub struct AppState {
-    pub backend: Backend,
-    pub hub: Arc<Hub>,
-    pub metrics: Arc<Metrics>,
-    pub retry: Duration,
-    pub keep_alive: Duration,
-    /// `None`: auth is off and every request may do everything.
-    pub auth: Option<Arc<Authenticator>>,
-    pub limits: Limits,
-}
-
-impl AppState {
-    /// Fails only on an unusable `--redis-url`. Must run inside the Tokio runtime (the Redis
-    /// backend spawns its stream reader).
-    pub fn new(config: &Config) -> std::io::Result<AppState> {
-        let metrics = Arc::new(Metrics::new());
-        let backend = match &config.redis_url {
-            None => {
-                metrics.backend_up.set(1);
-                Backend::Memory(MemoryBackend::new(
-                    Arc::new(Hub::new(
-                        config.buffer as usize,
-                        config.max_subscribers as usize,
-                        metrics.clone(),
-                    )),
-                    config.idempotency_window(),
-                    config.idempotency_keys,
-                ))
-            }
-            Some(url) => Backend::Redis(
-                RedisBackend::start(url, config, metrics.clone()).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("--redis-url: {e}"),
-                    )
-                })?,
-            ),
-        };
-        let hub = backend.hub().clone();
-        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
-            (Some(secret), _) => Some(Authenticator::hs256(secret, config.jwt_leeway())),
-            (None, Some(key)) => Some(Authenticator::public_key(key, config.jwt_leeway())),
-            (None, None) => None,
-        };
-        Ok(AppState {
-            backend,
-            hub,
-            limits: Limits::new(config, metrics.clone()),
-            metrics,
-            retry: config.retry(),
-            keep_alive: config.keep_alive(),
-            auth: auth.map(Arc::new),
-        })
-    }
-}
 
 /// Every route. A known path with a wrong method answers 405 naming the allowed ones.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -111,7 +53,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(only(
         "/openapi.json",
         "GET, HEAD",
-        get_or_head().to(ops::openapi_json),
+        get_or_head().to(crate::openapi::openapi_json),
     ));
 }
 
@@ -182,19 +124,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
     let tls = tls::server_config(&config)?;
-    let state = web::Data::new(AppState::new(&config)?);
-    state.backend.started().await;
+    let lifecycle = Lifecycle::new();
+    let state = web::Data::new(AppState::new(&config, &lifecycle)?);
+    state.service.backend().started().await;
     let app_state = state.clone();
-    let stopping = state.clone();
     let cors_origins = config.cors_origin.clone();
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
             .app_data(app_state.clone())
-            .wrap(from_fn(limits::limit_headers))
+            .wrap(from_fn(middleware::limit_headers))
             .wrap(Condition::new(
                 !cors_origins.is_empty(),
-                limits::cors(&cors_origins),
+                middleware::cors(&cors_origins),
             ))
             .wrap(from_fn(crate::error::json_errors))
             .wrap_fn(move |req, srv| {
@@ -249,11 +191,11 @@ pub async fn run(
     let handle = server.handle();
     actix_web::rt::spawn(async move {
         shutdown.await;
-        state.hub.close();
+        state.hub().close();
         handle.stop(true).await;
     });
     server.await?;
-    stopping.backend.stopped().await;
+    lifecycle.stop(Duration::from_secs(2)).await;
     info!("stopped");
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! Settings: every one is a command-line flag with a `TASKSTREAM_*` environment variable.
 
-use crate::auth::{parse_ttl, JwtPublicKey, Secret};
-use crate::limits::parse_origin;
 use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Real-time task notifications over Server-Sent Events.
@@ -225,9 +226,143 @@ impl Config {
     }
 }
 
+// Value types and parsers of the flags above.
+
+/// A secret that never shows in `Debug` output, `--help` or logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Secret, String> {
+        if text.is_empty() {
+            return Err("the secret is empty".into());
+        }
+        Ok(Secret(text.to_owned()))
+    }
+}
+
+/// `--jwt-public-key`: a PEM public key, read and checked when the flags are parsed.
+#[derive(Clone)]
+pub struct JwtPublicKey {
+    pub(crate) key: DecodingKey,
+    pub(crate) algorithms: &'static [Algorithm],
+    path: PathBuf,
+}
+
+impl fmt::Debug for JwtPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "JwtPublicKey({}, {:?})",
+            self.path.display(),
+            self.algorithms
+        )
+    }
+}
+
+impl JwtPublicKey {
+    /// An RSA key verifies RS256; an EC key ES256 (P-256) or ES384 (P-384), as its curve decides.
+    pub fn from_file(path: &str) -> Result<JwtPublicKey, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let (key, algorithms): (_, &'static [Algorithm]) = match DecodingKey::from_rsa_pem(&pem) {
+            Ok(key) => (key, &[Algorithm::RS256]),
+            Err(_) => match DecodingKey::from_ec_pem(&pem) {
+                Ok(key) => (key, &[Algorithm::ES256, Algorithm::ES384]),
+                Err(_) => {
+                    return Err(format!(
+                    "{path} holds no RSA or EC public key in PEM (\"-----BEGIN PUBLIC KEY-----\")"
+                ))
+                }
+            },
+        };
+        Ok(JwtPublicKey {
+            key,
+            algorithms,
+            path: path.into(),
+        })
+    }
+}
+
+/// `90`, `90s`, `30m`, `1h`, `7d`.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 90s, 30m, 1h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    if seconds == 0 {
+        return Err("the time to live must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// `--cors-origin`: `scheme://host[:port]` exactly as browsers send it in `Origin`.
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let valid = text.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' ', '*'])
+    });
+    if !valid {
+        return Err(format!(
+            "`{text}` is not an origin such as https://board.example.com or http://localhost:5173 (no path, no `*`: credentials need explicit origins)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttls_take_units() {
+        assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("0s").is_err());
+    }
+    #[test]
+    fn origins_are_explicit() {
+        assert!(parse_origin("https://board.example.com").is_ok());
+        assert!(parse_origin("http://localhost:5173").is_ok());
+        for bad in [
+            "*",
+            "https://*.example.com",
+            "example.com",
+            "https://a.com/",
+            "ftp://a",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+    }
+
     use clap::CommandFactory;
 
     #[test]

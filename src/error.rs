@@ -1,7 +1,10 @@
 //! `ApiError`: every failure at the HTTP edge, mapped to its status and `{"error": ...}` in one place.
 
+use crate::auth::Denied;
 use crate::backend::BackendError;
 use crate::hub::SubscribeError;
+use crate::limits::Limited;
+use crate::service::Refusal;
 use actix_web::body::{to_bytes_limited, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::HeaderValue;
@@ -122,6 +125,43 @@ impl From<BackendError> for ApiError {
                 message: error.to_string(),
                 retry_after_secs: 1,
             },
+        }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> ApiError {
+        match denied {
+            Denied::Unauthenticated {
+                message,
+                invalid_token,
+            } => ApiError::Unauthorized {
+                message,
+                invalid_token,
+            },
+            Denied::Forbidden(message) => ApiError::Forbidden(message),
+        }
+    }
+}
+
+impl From<Limited> for ApiError {
+    fn from(limited: Limited) -> ApiError {
+        ApiError::TooManyRequests {
+            message: limited.message,
+            retry_after_secs: limited.retry_after_secs,
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        match refusal {
+            Refusal::BadInput(message) => ApiError::BadRequest(message),
+            Refusal::TooLarge(max) => ApiError::PayloadTooLarge(max),
+            Refusal::Denied(denied) => denied.into(),
+            Refusal::Limited(limited) => limited.into(),
+            Refusal::Store(error) => error.into(),
+            Refusal::Subscribe(error) => error.into(),
         }
     }
 }

@@ -93,9 +93,8 @@ pub struct Event {
     pub frame: Bytes,
     /// The `data` JSON, a slice of `frame` (no second copy), for transports that frame it their own way.
     pub data: Bytes,
-    /// The WebSocket message, built by the first WebSocket subscriber that needs it and shared by
-    /// all the others; events nobody reads over WebSocket never pay for it.
-    ws_message: OnceLock<ByteString>,
+    /// `text_message`'s cache.
+    text_message: OnceLock<ByteString>,
 }
 
 impl Event {
@@ -155,20 +154,15 @@ impl Event {
             kind,
             frame,
             data,
-            ws_message: OnceLock::new(),
+            text_message: OnceLock::new(),
         }
     }
 
-    /// `{"type":"event","id":ID,"event":KIND,"data":DATA}`, encoded once per event.
-    pub fn ws_message(&self) -> ByteString {
-        self.ws_message
-            .get_or_init(|| {
-                // `data` is serde_json's output, so it is valid UTF-8 and valid JSON.
-                let data = std::str::from_utf8(&self.data).expect("event data is UTF-8");
-                let (id, kind) = (self.id, self.kind.name());
-                format!(r#"{{"type":"event","id":"{id}","event":"{kind}","data":{data}}}"#).into()
-            })
-            .clone()
+    /// The event in a transport's own text format (the WebSocket message), encoded by the first
+    /// subscriber of that transport and shared by all the others; events nobody reads that way
+    /// never pay for it. The format itself belongs to the transport.
+    pub fn text_message(&self, encode: impl FnOnce(&Event) -> ByteString) -> ByteString {
+        self.text_message.get_or_init(|| encode(self)).clone()
     }
 }
 
@@ -207,58 +201,6 @@ pub fn reset_frame(newest: EventId, reason: &str) -> Bytes {
     .expect("a reset always serialises");
     encode_frame(&newest.to_string(), "reset", data)
 }
-
-pub fn retry_frame(retry: std::time::Duration) -> Bytes {
-    russe::Event::Retry(retry)
-        .into_bytestring()
-        .expect("retry always encodes")
-        .into_bytes()
-}
-
-/// The WebSocket form of a `reset`: the same fields as an event message, so clients handle both alike.
-pub fn reset_ws_message(newest: EventId, reason: &str) -> ByteString {
-    serde_json::json!({
-        "type": "reset",
-        "id": newest,
-        "event": "reset",
-        "data": {"event": "reset", "last_event_id": newest, "reason": reason},
-    })
-    .to_string()
-    .into()
-}
-
-/// `event: heartbeat` with no id (so a client's last event id stays), for clients that watch for
-/// silence: a browser's EventSource never sees comments. `keep_alive_ms` tells it the period.
-pub fn heartbeat_frame(keep_alive: std::time::Duration) -> Bytes {
-    let message = russe::Message {
-        data: heartbeat_data(keep_alive).into(),
-        event: Some("heartbeat".into()),
-        id: None,
-        retry: None,
-    };
-    russe::Event::Message(message)
-        .into_bytestring()
-        .expect("a fixed event name never contains line breaks")
-        .into_bytes()
-}
-
-fn heartbeat_data(keep_alive: std::time::Duration) -> String {
-    format!(
-        r#"{{"event":"heartbeat","keep_alive_ms":{}}}"#,
-        keep_alive.as_millis()
-    )
-}
-
-/// The WebSocket form of the heartbeat.
-pub fn heartbeat_ws_message(keep_alive: std::time::Duration) -> ByteString {
-    format!(
-        r#"{{"type":"heartbeat","keep_alive_ms":{}}}"#,
-        keep_alive.as_millis()
-    )
-    .into()
-}
-
-pub const KEEP_ALIVE_FRAME: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
 #[cfg(test)]
 mod tests {
@@ -342,33 +284,10 @@ mod tests {
     }
 
     #[test]
-    fn the_websocket_message_wraps_the_same_data_and_is_built_once() {
-        let event = Event::updated(EventId { epoch: 5, seq: 7 }, &task(r#"{"task_id": 101}"#));
-        let message = event.ws_message();
-        let parsed: serde_json::Value = serde_json::from_str(&message).unwrap();
-        assert_eq!(parsed["type"], "event");
-        assert_eq!(parsed["id"], "5-7");
-        assert_eq!(parsed["event"], "task_updated");
-        assert_eq!(
-            parsed["data"],
-            serde_json::from_slice::<serde_json::Value>(&event.data).unwrap()
-        );
-        assert_eq!(
-            event.ws_message().as_bytes().as_ptr(),
-            message.as_bytes().as_ptr(),
-            "shared, not rebuilt"
-        );
-    }
-
-    #[test]
-    fn reset_and_retry_frames() {
+    fn reset_frames() {
         assert_eq!(
             &reset_frame(EventId { epoch: 9, seq: 1 }, "too old")[..],
             &b"id: 9-1\nevent: reset\ndata: {\"event\":\"reset\",\"last_event_id\":\"9-1\",\"reason\":\"too old\"}\n\n"[..]
-        );
-        assert_eq!(
-            &retry_frame(std::time::Duration::from_millis(3000))[..],
-            b"retry: 3000\n\n"
         );
     }
 }

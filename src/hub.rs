@@ -2,14 +2,13 @@
 //! no gap, and recovers from lag through the ring buffer (or a longer `History`) or by a `reset`,
 //! never by skipping.
 
-use crate::auth::Patterns;
 use crate::event::{Event, EventId};
+use crate::filter::TaskFilter;
 use crate::metrics::Metrics;
 use crate::ring::{ResetReason, Ring};
-use crate::task::TaskId;
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,38 +38,6 @@ impl Resume {
             None => Resume::Live,
             Some(id) => id.parse().map_or(Resume::Malformed, Resume::After),
         }
-    }
-}
-
-/// Which events reach a subscriber, and until when. Applied inside the `Subscription`, to replay,
-/// live events and catch-up alike, so every transport gets the same rules.
-#[derive(Debug, Clone, Default)]
-pub struct TaskFilter {
-    /// The tasks the client asked for (`?task_id=`); `None`: all.
-    pub ids: Option<Arc<HashSet<TaskId>>>,
-    /// The tasks its token may see; `None` when auth is off. Intersected with `ids`.
-    pub patterns: Option<Patterns>,
-    /// When its token expires: the subscription ends then, between two deliveries.
-    pub until: Option<tokio::time::Instant>,
-}
-
-impl TaskFilter {
-    /// Every task, for ever.
-    pub fn all() -> TaskFilter {
-        TaskFilter::default()
-    }
-
-    /// Only these tasks (all when the set is empty).
-    pub fn ids(ids: HashSet<TaskId>) -> TaskFilter {
-        TaskFilter {
-            ids: (!ids.is_empty()).then(|| Arc::new(ids)),
-            ..TaskFilter::default()
-        }
-    }
-
-    pub fn allows(&self, task_id: &TaskId) -> bool {
-        self.ids.as_ref().is_none_or(|ids| ids.contains(task_id))
-            && self.patterns.as_ref().is_none_or(|p| p.matches(task_id))
     }
 }
 
@@ -239,11 +206,6 @@ impl Hub {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    /// Resolves once the hub is closed (shutdown): the stop signal for tasks that feed it.
-    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.closed.clone().cancelled_owned()
     }
 
     /// A history read that gives up when the hub closes, so no stream outlives shutdown.
@@ -543,8 +505,11 @@ impl Stream for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::Patterns;
+    use crate::task::TaskId;
     use futures_util::FutureExt;
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     fn hub(buffer: usize) -> Arc<Hub> {
         Arc::new(Hub::new(buffer, 100, Arc::new(Metrics::new())))

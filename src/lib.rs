@@ -1,23 +1,25 @@
-//! taskstream: real-time task notifications over Server-Sent Events.
+//! taskstream: real-time task notifications over Server-Sent Events and WebSocket.
 //!
 //! # Layout
 //!
-//! - [`config`] — flags and `TASKSTREAM_*` variables.
-//! - [`app`] — shared state, the route table, `run` (serve until a shutdown future resolves).
-//! - [`shutdown`] — SIGINT/SIGTERM.
-//! - [`error`] — `ApiError`, the one place statuses and `{"error": ...}` bodies are chosen.
-//! - [`task`] — `TaskId`, `Task`, `TaskPatch`: parsing and limits.
-//! - [`event`] — `EventId`, `Event` with its SSE frame encoded once.
-//! - [`ring`] — the bounded replay buffer.
-//! - [`hub`] — fan-out; replay then live with no gap; lag recovers or resets.
-//! - [`backend`] — the storage seam; [`backend::memory`] is the default, [`backend::redis`] shares
-//!   tasks and events between nodes through Redis (`--redis-url`).
-//! - [`routes`] — HTTP handlers: tasks, events, ops (healthz, metrics, the board).
-//! - [`metrics`] — Prometheus counters.
-//! - [`auth`] — JWTs, task patterns, the `Access` extractor (off unless a key is configured).
-//! - [`limits`] — publish rate, per-IP streams, head/body size and time limits, CORS.
-//! - [`tls`] — rustls for HTTPS and HTTP/2.
-//! - [`openapi`] — the OpenAPI document, generated from the handlers' annotations.
+//! The layers, bottom first; a module imports only from its own layer or below
+//! (`tests/layers.rs` checks it, docs/architecture.md draws it).
+//!
+//! 1. Core types: [`task`] (`TaskId`, `Task`, `TaskPatch`), [`event`] (`EventId`, `Event` with
+//!    its SSE frame encoded once), [`filter`] (task patterns, `TaskFilter`), [`config`] (flags and
+//!    their value types), [`metrics`], [`lifecycle`] (spawns and joins background work),
+//!    [`shutdown`] (SIGINT/SIGTERM).
+//! 2. Fan-out: [`ring`] (the bounded replay buffer) and [`hub`] (replay then live with no gap; a
+//!    position never jumps forward; subscriptions end with a reason).
+//! 3. Storage: [`backend`], with [`backend::memory`] (the default) and [`backend::redis`]
+//!    (`--redis-url`, split by role: scripts, store, reader, history).
+//! 4. Policy: [`auth`] (JWT verification, `Access`, `Denied`, token minting), [`limits`] (rates,
+//!    per-IP caps, sizes), [`idempotency`] (keys and their scope).
+//! 5. [`service`]: publish and subscribe, once, for every transport; refusals are plain values.
+//! 6. Transports and the HTTP edge: [`routes`] (tasks, events = SSE, ws = WebSocket, ops, the
+//!    `Access` extractor, schemas), [`state`], [`error`] (statuses), [`middleware`], [`tls`],
+//!    [`openapi`].
+//! 7. [`app`]: the route table and `run`.
 
 pub mod app;
 pub mod auth;
@@ -25,12 +27,18 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod filter;
 pub mod hub;
+pub mod idempotency;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
+pub mod middleware;
 pub mod openapi;
 pub mod ring;
 pub mod routes;
+pub mod service;
 pub mod shutdown;
+pub mod state;
 pub mod task;
 pub mod tls;

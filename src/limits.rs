@@ -1,16 +1,9 @@
-//! Abuse limits: the per-client publish rate, the per-IP cap on open streams, request size and
-//! time limits, and CORS; each is a flag, and each refusal is an `ApiError` and a metric.
+//! Abuse limits: the per-client publish rate, the per-IP cap on open streams, and the request
+//! size and time limits; each is a flag, and each refusal is a `Limited` and a metric. The HTTP
+//! side of them (header size, CORS) is in `middleware`.
 
-use crate::auth::Access;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
-use actix_cors::Cors;
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{header, Method};
-use actix_web::middleware::Next;
-use actix_web::{web, HttpRequest};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::collections::HashMap;
@@ -67,16 +60,17 @@ impl Limits {
 
     /// Counts one publish (an update or a delete) against the client's allowance: the token's
     /// subject when it has one, else the peer's IP.
-    pub fn check_publish(&self, access: &Access, req: &HttpRequest) -> Result<(), ApiError> {
+    pub fn check_publish(
+        &self,
+        subject: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<(), Limited> {
         let Some(limiter) = &self.publish else {
             return Ok(());
         };
-        let key = match access.subject() {
+        let key = match subject {
             Some(subject) => format!("sub:{subject}"),
-            None => format!(
-                "ip:{}",
-                peer_ip(req).map_or("unknown".into(), |ip| ip.to_string())
-            ),
+            None => format!("ip:{}", peer.map_or("unknown".into(), |ip| ip.to_string())),
         };
         let publishes = self.publishes.fetch_add(1, Ordering::Relaxed);
         if publishes.is_multiple_of(RATE_CLEANUP_EVERY) && limiter.len() > RATE_KEYS_BEFORE_CLEANUP
@@ -89,7 +83,7 @@ impl Limits {
                 .with_label_values(&["publish"])
                 .inc();
             let wait = not_until.wait_time_from(self.clock.now());
-            ApiError::TooManyRequests {
+            Limited {
                 message: format!(
                     "publishing too fast: at most {} events per second",
                     self.publish_rate
@@ -101,9 +95,9 @@ impl Limits {
 
     /// Takes one place under `--max-subscribers-per-ip`; the place is given back when the slot is
     /// dropped with the stream.
-    pub fn subscriber_slot(&self, req: &HttpRequest) -> Result<Option<IpSlot>, ApiError> {
+    pub fn subscriber_slot(&self, peer: Option<IpAddr>) -> Result<Option<IpSlot>, Limited> {
         let caps = &self.subscribers;
-        let Some(ip) = peer_ip(req).filter(|_| caps.per_ip > 0) else {
+        let Some(ip) = peer.filter(|_| caps.per_ip > 0) else {
             return Ok(None);
         };
         caps.acquire(ip).map(Some).map_err(|limit| {
@@ -111,7 +105,7 @@ impl Limits {
                 .rate_limited
                 .with_label_values(&["subscribers_per_ip"])
                 .inc();
-            ApiError::TooManyRequests {
+            Limited {
                 message: format!("too many open streams from {ip} (the limit is {limit})"),
                 // Streams are long-lived: another place frees up on a scale of seconds at best.
                 retry_after_secs: 5,
@@ -120,13 +114,17 @@ impl Limits {
     }
 }
 
+/// Over a limit: answered 429 over HTTP, with how long to wait.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Limited {
+    pub message: String,
+    pub retry_after_secs: u64,
+}
+
 /// Retry-After in whole seconds, rounded up, at least 1 (0 would invite an instant retry).
 fn whole_seconds(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
-
-pub fn peer_ip(req: &HttpRequest) -> Option<IpAddr> {
-    req.peer_addr().map(|a| a.ip())
 }
 
 struct SubscriberCaps {
@@ -173,85 +171,9 @@ impl Drop for IpSlot {
     }
 }
 
-/// Refuses request heads over `--max-header-bytes` (actix itself stops at 128 KiB), for HTTP/1
-/// and HTTP/2 alike.
-pub async fn limit_headers(
-    req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let limit = req
-        .app_data::<web::Data<crate::app::AppState>>()
-        .map_or(usize::MAX, |state| state.limits.max_header_bytes);
-    let size = req.uri().to_string().len()
-        + req
-            .headers()
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum::<usize>();
-    if size > limit {
-        return Ok(req
-            .error_response(ApiError::HeadersTooLarge(limit))
-            .map_into_right_body());
-    }
-    next.call(req)
-        .await
-        .map(ServiceResponse::map_into_left_body)
-}
-
-/// CORS for the configured origins, with credentials, so a page on another origin can use
-/// `EventSource(url, {withCredentials: true})` and `fetch(..., {credentials: "include"})`.
-/// The answer names the one requesting origin (never `*`, which browsers refuse with credentials).
-pub fn cors(origins: &[String]) -> Cors {
-    let mut cors = Cors::default()
-        .allowed_methods([Method::GET, Method::POST, Method::DELETE])
-        .allowed_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::HeaderName::from_static("idempotency-key"),
-            header::HeaderName::from_static("last-event-id"),
-        ])
-        .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW])
-        .supports_credentials()
-        .max_age(600);
-    for origin in origins {
-        cors = cors.allowed_origin(origin);
-    }
-    cors
-}
-
-/// `--cors-origin`: `scheme://host[:port]` exactly as browsers send it in `Origin`.
-pub fn parse_origin(text: &str) -> Result<String, String> {
-    let valid = text.split_once("://").is_some_and(|(scheme, rest)| {
-        matches!(scheme, "http" | "https")
-            && !rest.is_empty()
-            && !rest.contains(['/', '?', '#', ' ', '*'])
-    });
-    if !valid {
-        return Err(format!(
-            "`{text}` is not an origin such as https://board.example.com or http://localhost:5173 (no path, no `*`: credentials need explicit origins)"
-        ));
-    }
-    Ok(text.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origins_are_explicit() {
-        assert!(parse_origin("https://board.example.com").is_ok());
-        assert!(parse_origin("http://localhost:5173").is_ok());
-        for bad in [
-            "*",
-            "https://*.example.com",
-            "example.com",
-            "https://a.com/",
-            "ftp://a",
-        ] {
-            assert!(parse_origin(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

@@ -76,13 +76,13 @@ fn token(args: &TokenArgs) -> ExitCode {
         },
         None => None,
     };
-    let mint = auth::Mint {
+    let mint = auth::mint::Mint {
         subject: &args.sub,
         publish: &args.publish,
         subscribe: &args.subscribe,
         ttl: args.ttl,
     };
-    match auth::mint(&mint, args.jwt_secret.as_ref(), private_key.as_deref()) {
+    match auth::mint::mint(&mint, args.jwt_secret.as_ref(), private_key.as_deref()) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -5,7 +5,8 @@ pub mod memory;
 pub mod redis;
 
 use crate::event::EventId;
-use crate::hub::{Hub, Resume, SubscribeError, Subscription, TaskFilter};
+use crate::filter::TaskFilter;
+use crate::hub::{Hub, Resume, SubscribeError, Subscription};
 use crate::task::{Task, TaskId, TaskPatch};
 use std::sync::Arc;
 
@@ -30,16 +31,6 @@ pub enum BackendError {
     /// The store cannot be reached; nothing was changed.
     #[error("{0}")]
     Unavailable(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
-pub struct InvalidIdempotencyKey;
-
-/// Validates an idempotency key, from the HTTP header or a WebSocket message alike.
-pub fn idempotency_key(raw: &str) -> Result<String, InvalidIdempotencyKey> {
-    let valid = (1..=255).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
-    valid.then(|| raw.to_owned()).ok_or(InvalidIdempotencyKey)
 }
 
 pub enum Backend {
@@ -69,14 +60,6 @@ impl Backend {
         match self {
             Backend::Memory(_) => {}
             Backend::Redis(redis) => redis.started().await,
-        }
-    }
-
-    /// After the hub is closed: waits for the backend's background tasks to end.
-    pub async fn stopped(&self) {
-        match self {
-            Backend::Memory(_) => {}
-            Backend::Redis(redis) => redis.stopped().await,
         }
     }
 

@@ -1,12 +1,14 @@
 //! `GET /events`: a subscription from the hub as a `text/event-stream` of shared, pre-encoded frames.
 
-use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::event::{heartbeat_frame, reset_frame, retry_frame, KEEP_ALIVE_FRAME};
+use crate::event::reset_frame;
 use crate::hub::{Delivery, Resume, Subscription};
 use crate::limits::IpSlot;
+use crate::middleware::peer_ip;
 use crate::routes::connection::{peer, ConnectionLog};
+use crate::service::Open;
+use crate::state::AppState;
 use crate::task::TaskId;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header;
@@ -31,10 +33,10 @@ use tokio::time::{interval_at, Interval, MissedTickBehavior};
     ),
     responses(
         (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
-        (status = 400, description = "an invalid task_id in the filter", body = crate::openapi::ErrorBody),
-        (status = 429, description = "over --max-subscribers-per-ip", body = crate::openapi::ErrorBody,
+        (status = 400, description = "an invalid task_id in the filter", body = crate::routes::schemas::ErrorBody),
+        (status = 429, description = "over --max-subscribers-per-ip", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
-        (status = 503, description = "--max-subscribers reached, or shutting down", body = crate::openapi::ErrorBody,
+        (status = 503, description = "--max-subscribers reached, or shutting down", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds, 1 to 5"))),
     )
 )]
@@ -44,11 +46,13 @@ pub async fn events(
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
     let query = EventsQuery::parse(&req)?;
-    let filter = access.task_filter(query.filter)?;
-    let ip_slot = state.limits.subscriber_slot(&req)?;
-    let subscription = state
-        .backend
-        .subscribe(query.resume, filter.clone())
+    let filtered = query.filter.len();
+    let Open {
+        subscription,
+        ip_slot,
+    } = state
+        .service
+        .subscribe(&access, peer_ip(&req), query.resume, query.filter)
         .await?;
     let log = ConnectionLog::open(
         "subscriber",
@@ -58,7 +62,7 @@ pub async fn events(
             "sub={} resume={:?} filter={}",
             access.subject().unwrap_or("-"),
             query.resume,
-            filter.ids.as_ref().map_or(0, |f| f.len())
+            filtered
         ),
     );
     let mut body = EventStream::new(
@@ -199,5 +203,55 @@ impl MessageBody for EventStream {
                 Poll::Pending => Poll::Pending,
             },
         }
+    }
+}
+
+// The stream's own frames: only events (and resets) are encoded once for everyone.
+
+fn retry_frame(retry: std::time::Duration) -> Bytes {
+    russe::Event::Retry(retry)
+        .into_bytestring()
+        .expect("retry always encodes")
+        .into_bytes()
+}
+
+/// `event: heartbeat` with no id (so a client's last event id stays), for clients that watch for
+/// silence: a browser's EventSource never sees comments. `keep_alive_ms` tells it the period.
+fn heartbeat_frame(keep_alive: std::time::Duration) -> Bytes {
+    let message = russe::Message {
+        data: heartbeat_data(keep_alive).into(),
+        event: Some("heartbeat".into()),
+        id: None,
+        retry: None,
+    };
+    russe::Event::Message(message)
+        .into_bytestring()
+        .expect("a fixed event name never contains line breaks")
+        .into_bytes()
+}
+
+fn heartbeat_data(keep_alive: std::time::Duration) -> String {
+    format!(
+        r#"{{"event":"heartbeat","keep_alive_ms":{}}}"#,
+        keep_alive.as_millis()
+    )
+}
+
+const KEEP_ALIVE_FRAME: Bytes = Bytes::from_static(b": keep-alive\n\n");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_and_heartbeat_frames() {
+        assert_eq!(
+            &retry_frame(Duration::from_millis(3000))[..],
+            b"retry: 3000\n\n"
+        );
+        assert_eq!(
+            &heartbeat_frame(Duration::from_secs(15))[..],
+            &b"event: heartbeat\ndata: {\"event\":\"heartbeat\",\"keep_alive_ms\":15000}\n\n"[..]
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Operations and the page: `/healthz`, `/metrics`, and the task board embedded from `web/dist/`.
 
-use crate::app::AppState;
+use crate::state::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 
@@ -8,11 +8,11 @@ use actix_web::{web, HttpResponse};
 /// unreachable: load balancers read 503 as "send traffic elsewhere".
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses(
-        (status = 200, description = "alive", body = crate::openapi::Health),
-        (status = 503, description = "degraded: the store (Redis) is unreachable", body = crate::openapi::Health),
+        (status = 200, description = "alive", body = crate::routes::schemas::Health),
+        (status = 503, description = "degraded: the store (Redis) is unreachable", body = crate::routes::schemas::Health),
     ))]
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
-    match state.backend.health().await {
+    match state.service.backend().health().await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })),
         Err(error) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({ "status": "degraded", "error": error })),
@@ -25,14 +25,6 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
-}
-
-#[utoipa::path(get, path = "/openapi.json", tag = "ops",
-    responses((status = 200, description = "this document", content_type = "application/json", body = Object)))]
-pub async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(crate::openapi::document())
 }
 
 // The built board is committed, so `cargo build` embeds it with no npm step.

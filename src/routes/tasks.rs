@@ -1,10 +1,11 @@
 //! Task endpoints: `POST /update_task`, `GET /tasks`, `GET|DELETE /tasks/{task_id}`.
 
-use crate::app::AppState;
 use crate::auth::Access;
-use crate::backend::{idempotency_key, BackendError};
 use crate::error::ApiError;
-use crate::task::{TaskId, TaskPatch};
+use crate::middleware::peer_ip;
+use crate::service::PatchInput;
+use crate::state::AppState;
+use crate::task::TaskId;
 use actix_web::error::PayloadError;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -12,24 +13,21 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::json;
 
-/// The default `--max-body-bytes`: larger bodies answer 413 without being read further.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
 #[utoipa::path(
     post, path = "/update_task", tag = "tasks",
     description = "Creates or updates one task; the fields given replace the stored ones. Answers as soon as the change is stored and its event queued.",
-    request_body(content = crate::openapi::UpdateTask, content_type = "application/json"),
+    request_body(content = crate::routes::schemas::UpdateTask, content_type = "application/json"),
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
             description = "1 to 255 visible ASCII characters; a key accepted within --idempotency-window gets the first answer again and publishes nothing")),
     responses(
-        (status = 202, description = "stored and queued", body = crate::openapi::Accepted),
-        (status = 400, description = "invalid body or Idempotency-Key", body = crate::openapi::ErrorBody),
-        (status = 408, description = "the body did not arrive within --request-timeout", body = crate::openapi::ErrorBody),
-        (status = 413, description = "body over --max-body-bytes", body = crate::openapi::ErrorBody),
-        (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorBody),
-        (status = 429, description = "over --publish-rate", body = crate::openapi::ErrorBody,
+        (status = 202, description = "stored and queued", body = crate::routes::schemas::Accepted),
+        (status = 400, description = "invalid body or Idempotency-Key", body = crate::routes::schemas::ErrorBody),
+        (status = 408, description = "the body did not arrive within --request-timeout", body = crate::routes::schemas::ErrorBody),
+        (status = 413, description = "body over --max-body-bytes", body = crate::routes::schemas::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::routes::schemas::ErrorBody),
+        (status = 429, description = "over --publish-rate", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
-        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::openapi::ErrorBody,
+        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
     )
 )]
@@ -39,21 +37,23 @@ pub async fn update_task(
     state: web::Data<AppState>,
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
-    state.limits.check_publish(&access, &req)?;
-    let idempotency_key = idempotency_key_header(&req)?;
-    let limits = &state.limits;
-    let body = tokio::time::timeout(
-        limits.body_timeout,
-        read_json_body(&req, payload, limits.max_body_bytes),
-    )
-    .await
-    .map_err(|_| ApiError::RequestTimeout(limits.body_timeout.as_secs()))??;
-    let (task_id, patch) = TaskPatch::parse(&body).map_err(|e| ApiError::BadRequest(e.0))?;
-    access.check_publish(&task_id)?;
-    let idempotency_key = idempotency_key.map(|key| access.scope_idempotency_key(key));
+    let limits = state.service.limits();
+    let body = async {
+        let body = tokio::time::timeout(
+            limits.body_timeout,
+            read_json_body(&req, payload, limits.max_body_bytes),
+        )
+        .await
+        .map_err(|_| ApiError::RequestTimeout(limits.body_timeout.as_secs()))??;
+        Ok::<_, ApiError>(PatchInput::Json(body))
+    };
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .map(|value| value.to_str().unwrap_or(""));
     let accepted = state
-        .backend
-        .update(task_id, patch, idempotency_key)
+        .service
+        .publish(&access, peer_ip(&req), key, body)
         .await?;
     Ok(HttpResponse::Accepted()
         .json(json!({ "event_id": accepted.event_id, "task": accepted.task })))
@@ -63,19 +63,15 @@ pub async fn update_task(
     get, path = "/tasks", tag = "tasks",
     description = "A snapshot of every task the caller may see, and the id of the last event it includes.",
     responses(
-        (status = 200, description = "the snapshot", body = crate::openapi::Snapshot),
-        (status = 503, description = "the store is unavailable", body = crate::openapi::ErrorBody),
+        (status = 200, description = "the snapshot", body = crate::routes::schemas::Snapshot),
+        (status = 503, description = "the store is unavailable", body = crate::routes::schemas::ErrorBody),
     )
 )]
 pub async fn list_tasks(
     state: web::Data<AppState>,
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
-    access.check_subscribe_any()?;
-    let mut snapshot = state.backend.snapshot().await?;
-    // `last_event_id` stays the global position: resuming from it replays only this token's
-    // tasks anyway, since the subscription filters the replay the same way.
-    snapshot.tasks.retain(|task| access.may_see(&task.task_id));
+    let snapshot = state.service.snapshot(&access).await?;
     Ok(HttpResponse::Ok()
         .json(json!({ "last_event_id": snapshot.last_event_id, "tasks": snapshot.tasks })))
 }
@@ -85,9 +81,9 @@ pub async fn list_tasks(
     params(("task_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$", description = "the task id")),
     responses(
         (status = 200, description = "the task", body = crate::task::Task),
-        (status = 400, description = "not a valid task id", body = crate::openapi::ErrorBody),
-        (status = 404, description = "no such task", body = crate::openapi::ErrorBody),
-        (status = 503, description = "the store is unavailable", body = crate::openapi::ErrorBody),
+        (status = 400, description = "not a valid task id", body = crate::routes::schemas::ErrorBody),
+        (status = 404, description = "no such task", body = crate::routes::schemas::ErrorBody),
+        (status = 503, description = "the store is unavailable", body = crate::routes::schemas::ErrorBody),
     )
 )]
 pub async fn get_task(
@@ -95,13 +91,8 @@ pub async fn get_task(
     state: web::Data<AppState>,
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
-    let task_id = path_task_id(&path)?;
-    // Refused before the lookup, so a 403 never tells whether the task exists.
-    access.check_subscribe(&task_id)?;
-    match state.backend.get(&task_id).await? {
-        Some(task) => Ok(HttpResponse::Ok().json(task)),
-        None => Err(BackendError::NotFound(task_id).into()),
-    }
+    let task = state.service.get(&access, path_task_id(&path)?).await?;
+    Ok(HttpResponse::Ok().json(task))
 }
 
 #[utoipa::path(
@@ -109,12 +100,12 @@ pub async fn get_task(
     description = "Removes the task and publishes task_deleted.",
     params(("task_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$", description = "the task id")),
     responses(
-        (status = 202, description = "removed; task_deleted queued", body = crate::openapi::Deleted),
-        (status = 400, description = "not a valid task id", body = crate::openapi::ErrorBody),
-        (status = 404, description = "no such task", body = crate::openapi::ErrorBody),
-        (status = 429, description = "over --publish-rate", body = crate::openapi::ErrorBody,
+        (status = 202, description = "removed; task_deleted queued", body = crate::routes::schemas::Deleted),
+        (status = 400, description = "not a valid task id", body = crate::routes::schemas::ErrorBody),
+        (status = 404, description = "no such task", body = crate::routes::schemas::ErrorBody),
+        (status = 429, description = "over --publish-rate", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
-        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::openapi::ErrorBody,
+        (status = 503, description = "the store is unavailable; nothing was changed", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
     )
 )]
@@ -124,25 +115,16 @@ pub async fn delete_task(
     state: web::Data<AppState>,
     access: Access,
 ) -> Result<HttpResponse, ApiError> {
-    state.limits.check_publish(&access, &req)?;
     let task_id = path_task_id(&path)?;
-    access.check_publish(&task_id)?;
-    let event_id = state.backend.delete(task_id).await?;
+    let event_id = state
+        .service
+        .delete(&access, peer_ip(&req), task_id)
+        .await?;
     Ok(HttpResponse::Accepted().json(json!({ "event_id": event_id })))
 }
 
 fn path_task_id(raw: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-fn idempotency_key_header(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(value) = req.headers().get("idempotency-key") else {
-        return Ok(None);
-    };
-    let raw = value.to_str().unwrap_or("");
-    idempotency_key(raw)
-        .map(Some)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 /// Reads at most `max` bytes, then insists on a JSON content type.

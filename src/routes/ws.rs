@@ -1,14 +1,15 @@
 //! `GET /ws`: the same hub, replay and filter as `/events`, plus publishing, over one WebSocket.
 
-use crate::app::AppState;
 use crate::auth::Access;
-use crate::backend::idempotency_key;
 use crate::error::ApiError;
-use crate::event::{heartbeat_ws_message, reset_ws_message};
+use crate::event::{Event, EventId};
 use crate::hub::{Delivery, EndReason, Resume, SubscribeError, Subscription};
 use crate::limits::IpSlot;
+use crate::middleware::peer_ip;
 use crate::routes::connection::{peer, ConnectionLog};
-use crate::task::{TaskId, TaskPatch};
+use crate::service::{Open, PatchInput, Refusal};
+use crate::state::AppState;
+use crate::task::TaskId;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use bytestring::ByteString;
@@ -24,7 +25,7 @@ use tokio::time::{interval_at, MissedTickBehavior};
     description = "The event stream and publishing over one WebSocket (docs/api.md, GET /ws). Auth failures close the socket with 1008 after the upgrade, since browsers cannot read a refused upgrade's status.",
     responses(
         (status = 101, description = "switching to the WebSocket protocol"),
-        (status = 400, description = "not a WebSocket upgrade request", body = crate::openapi::ErrorBody),
+        (status = 400, description = "not a WebSocket upgrade request", body = crate::routes::schemas::ErrorBody),
     )
 )]
 pub async fn ws(
@@ -37,7 +38,7 @@ pub async fn ws(
     // Frames (and fragmented messages) above twice `--max-body-bytes` are refused by the codec,
     // which closes with 1009; messages above the limit but below that get an `error` message and
     // the connection stays open, like a `413` on `POST /update_task`.
-    let max_frame = 2 * state.limits.max_body_bytes;
+    let max_frame = 2 * state.service.limits().max_body_bytes;
     let messages = messages
         .max_frame_size(max_frame)
         .aggregate_continuations()
@@ -109,10 +110,10 @@ impl Connection {
         let keep_alive = self.state.keep_alive;
         let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let closing = self.state.hub.closing();
+        let closing = self.state.hub().closing();
         let stop = match access {
             Err(error) => close(CloseCode::Policy, &error.to_string()),
-            Ok(_) if self.state.hub.is_full() => close(CloseCode::Again, "too many subscribers"),
+            Ok(_) if self.state.hub().is_full() => close(CloseCode::Again, "too many subscribers"),
             Ok(access) => match self.send_heartbeat().await {
                 Err(stop) => stop,
                 Ok(()) => {
@@ -176,7 +177,7 @@ impl Connection {
         match delivery {
             Some(Delivery::Event(event)) => {
                 self.log.events += 1;
-                self.send(event.ws_message()).await
+                self.send(event.text_message(event_message)).await
             }
             Some(Delivery::Reset { newest, reason }) => {
                 self.send(reset_ws_message(newest, reason.as_str())).await
@@ -221,9 +222,9 @@ impl Connection {
     }
 
     async fn on_text(&mut self, access: &Access, text: &str) -> Result<(), Stop> {
-        let max = self.state.limits.max_body_bytes;
+        let max = self.state.service.limits().max_body_bytes;
         if text.len() > max {
-            let error = format!("message is larger than {max} bytes (--max-body-bytes)");
+            let error = Refusal::TooLarge(max);
             return self.send_error(Value::Null, error).await;
         }
         let mut fields = match serde_json::from_str::<Value>(text) {
@@ -262,10 +263,8 @@ impl Connection {
         request_id: Value,
         mut fields: Map<String, Value>,
     ) -> Result<(), Stop> {
-        let filter = match parse_task_ids(fields.remove("task_ids"))
-            .and_then(|ids| access.task_filter(ids).map_err(|e| e.to_string()))
-        {
-            Ok(filter) => filter,
+        let ids = match parse_task_ids(fields.remove("task_ids")) {
+            Ok(ids) => ids,
             Err(error) => return self.send_error(request_id, error).await,
         };
         let resume = match fields.remove("last_event_id") {
@@ -281,22 +280,29 @@ impl Connection {
         // The old subscription's places are given back before the new one takes them.
         self.subscription = None;
         self.ip_slot = None;
-        match self.state.limits.subscriber_slot(&self.req) {
-            Ok(slot) => self.ip_slot = slot,
-            Err(_) => {
-                return Err(close(
-                    CloseCode::Again,
-                    "too many subscribers from this address",
-                ))
-            }
-        }
-        match self.state.backend.subscribe(resume, filter).await {
-            Ok(subscription) => {
+        let opened = self
+            .state
+            .service
+            .subscribe(access, peer_ip(&self.req), resume, ids)
+            .await;
+        match opened {
+            Ok(Open {
+                subscription,
+                ip_slot,
+            }) => {
                 self.subscription = Some(subscription);
+                self.ip_slot = ip_slot;
                 Ok(())
             }
-            Err(SubscribeError::Full(_)) => Err(close(CloseCode::Again, "too many subscribers")),
-            Err(SubscribeError::Closed) => Err(close(CloseCode::Away, "server shutting down")),
+            Err(Refusal::Limited(limited)) => Err(close(CloseCode::Again, &limited.message)),
+            Err(Refusal::Subscribe(SubscribeError::Full(_))) => {
+                Err(close(CloseCode::Again, "too many subscribers"))
+            }
+            Err(Refusal::Subscribe(SubscribeError::Closed)) => {
+                Err(close(CloseCode::Away, "server shutting down"))
+            }
+            // Asked for tasks the token may not see: the socket stays, as a 403 would.
+            Err(refused) => self.send_error(request_id, refused).await,
         }
     }
 
@@ -322,26 +328,23 @@ impl Connection {
         }
     }
 
-    /// The steps of `POST /update_task`, in its order: rate limit, idempotency key, body,
-    /// permission, then the store.
+    /// Publishes exactly like `POST /update_task`: the service applies the same steps.
     async fn publish(
         &self,
         access: &Access,
         mut fields: Map<String, Value>,
-    ) -> Result<Arc<crate::backend::Accepted>, ApiError> {
-        self.state.limits.check_publish(access, &self.req)?;
+    ) -> Result<Arc<crate::backend::Accepted>, Refusal> {
         let key = match fields.remove("idempotency_key") {
             None | Some(Value::Null) => None,
-            Some(Value::String(key)) => Some(idempotency_key(&key)),
-            Some(_) => Some(idempotency_key("")),
-        }
-        .transpose()
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let (task_id, patch) =
-            TaskPatch::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
-        access.check_publish(&task_id)?;
-        let key = key.map(|key| access.scope_idempotency_key(key));
-        Ok(self.state.backend.update(task_id, patch, key).await?)
+            Some(Value::String(key)) => Some(key),
+            // Not a string: refused as an invalid key.
+            Some(_) => Some(String::new()),
+        };
+        let body = std::future::ready(Ok::<_, Refusal>(PatchInput::Fields(fields)));
+        self.state
+            .service
+            .publish(access, peer_ip(&self.req), key.as_deref(), body)
+            .await
     }
 }
 
@@ -387,4 +390,63 @@ fn parse_task_ids(value: Option<Value>) -> Result<HashSet<TaskId>, String> {
     ids.iter()
         .map(|id| TaskId::from_json(id).map_err(|e| format!("task_ids: {id}: {e}")))
         .collect()
+}
+
+/// `{"type":"event","id":ID,"event":KIND,"data":DATA}`: `data` exactly as in the SSE stream.
+fn event_message(event: &Event) -> ByteString {
+    // `data` is serde_json's output, so it is valid UTF-8 and valid JSON.
+    let data = std::str::from_utf8(&event.data).expect("event data is UTF-8");
+    let (id, kind) = (event.id, event.kind.name());
+    format!(r#"{{"type":"event","id":"{id}","event":"{kind}","data":{data}}}"#).into()
+}
+
+/// The WebSocket form of a `reset`: the same fields as an event message, so clients handle both alike.
+fn reset_ws_message(newest: EventId, reason: &str) -> ByteString {
+    serde_json::json!({
+        "type": "reset",
+        "id": newest,
+        "event": "reset",
+        "data": {"event": "reset", "last_event_id": newest, "reason": reason},
+    })
+    .to_string()
+    .into()
+}
+
+/// The WebSocket form of the heartbeat.
+fn heartbeat_ws_message(keep_alive: std::time::Duration) -> ByteString {
+    format!(
+        r#"{{"type":"heartbeat","keep_alive_ms":{}}}"#,
+        keep_alive.as_millis()
+    )
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskPatch;
+
+    #[test]
+    fn the_websocket_message_wraps_the_same_data_and_is_built_once() {
+        let (id, patch) = TaskPatch::parse(br#"{"task_id": 101}"#).unwrap();
+        let task = patch.apply(id, None, "2026-11-22T10:00:00.123Z".into());
+        let event = Event::updated(EventId { epoch: 5, seq: 7 }, &task);
+        let message = event.text_message(event_message);
+        let parsed: serde_json::Value = serde_json::from_str(&message).unwrap();
+        assert_eq!(parsed["type"], "event");
+        assert_eq!(parsed["id"], "5-7");
+        assert_eq!(parsed["event"], "task_updated");
+        assert_eq!(
+            parsed["data"],
+            serde_json::from_slice::<serde_json::Value>(&event.data).unwrap()
+        );
+        assert_eq!(
+            event
+                .text_message(|_| unreachable!("built once"))
+                .as_bytes()
+                .as_ptr(),
+            message.as_bytes().as_ptr(),
+            "shared, not rebuilt"
+        );
+    }
 }

@@ -99,8 +99,8 @@ async fn without_a_token_every_protected_route_is_401_and_the_open_ones_stay_ope
 #[tokio::test]
 async fn malformed_expired_and_wrongly_signed_tokens_are_401_invalid_token() {
     let server = auth_server(&[]).await;
-    let other_key = taskstream::auth::mint(
-        &taskstream::auth::Mint {
+    let other_key = taskstream::auth::mint::mint(
+        &taskstream::auth::mint::Mint {
             subject: "eve",
             publish: &["*".into()],
             subscribe: &["*".into()],
@@ -429,8 +429,8 @@ async fn an_es256_public_key_verifies_tokens_and_an_hs256_token_is_refused() {
     let public = dir.join("public.pem");
     std::fs::write(&public, key.public_key_pem()).unwrap();
     let server = TestServer::start(&["--jwt-public-key", public.to_str().unwrap()]).await;
-    let signed = taskstream::auth::mint(
-        &taskstream::auth::Mint {
+    let signed = taskstream::auth::mint::mint(
+        &taskstream::auth::mint::Mint {
             subject: "ana",
             publish: &["*".into()],
             subscribe: &["*".into()],
@@ -443,8 +443,8 @@ async fn an_es256_public_key_verifies_tokens_and_an_hs256_token_is_refused() {
     let (status, _, _) = call(&server, Method::GET, "/tasks", Some(&signed), None).await;
     assert_eq!(status, StatusCode::OK);
     // The classic confusion: HS256 "signed" with the public key's text must not pass.
-    let confused = taskstream::auth::mint(
-        &taskstream::auth::Mint {
+    let confused = taskstream::auth::mint::mint(
+        &taskstream::auth::mint::Mint {
             subject: "eve",
             publish: &["*".into()],
             subscribe: &["*".into()],

@@ -703,8 +703,8 @@ pub const SECRET: &str = "integration-test-secret";
 /// A token signed with `SECRET`, minted the way `taskstream token` does.
 pub fn token(sub: &str, publish: &[&str], subscribe: &[&str], ttl: Duration) -> String {
     let owned = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    taskstream::auth::mint(
-        &taskstream::auth::Mint {
+    taskstream::auth::mint::mint(
+        &taskstream::auth::mint::Mint {
             subject: sub,
             publish: &owned(publish),
             subscribe: &owned(subscribe),

@@ -1,9 +1,9 @@
 //! End-to-end tests: each starts a real `taskstream` on a random loopback port and speaks HTTP.
 
 mod auth;
+mod capacity;
 mod errors;
 mod events;
-mod guards;
 mod helpers;
 mod limits;
 mod redis;

@@ -450,34 +450,38 @@ async fn with_auth_on_a_bad_token_closes_with_1008_and_a_token_limits_what_the_s
 }
 
 /// RFC 6455 7.1.1: once close frames are exchanged the server closes the TCP connection at once,
-/// so a client that reconnects does not wait on a timer first.
+/// so a client that reconnects does not wait on a timer first (it waited about 0.9 s for actix's
+/// linger). The best of three must be under 50 ms and none near the old timer, so a loaded
+/// machine's scheduling noise does not fail the run.
 #[tokio::test]
 async fn the_tcp_connection_ends_right_after_the_close_handshake() {
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
     let server = TestServer::start(&[]).await;
-    // Closed by the client.
-    let mut ws = WsClient::connect(&server).await;
-    ws.send(json!({"type": "subscribe"})).await;
-    ws.send_raw(Message::Close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "bye".into(),
-    })))
-    .await;
-    let waited = ws.time_to_eof().await;
-    assert!(
-        waited < Duration::from_millis(50),
-        "client close took {waited:?}"
-    );
-    // Closed by the server (full: 1013), the client answering the close frame.
     let full = TestServer::start(&["--max-subscribers", "1"]).await;
     let _sse = full.subscribe("/events").await;
-    let mut ws = WsClient::connect(&full).await;
-    assert_eq!(ws.close_code().await, Some(1013));
-    let waited = ws.time_to_eof().await;
-    assert!(
-        waited < Duration::from_millis(50),
-        "server close took {waited:?}"
-    );
+    let (mut by_client, mut by_server) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let mut ws = WsClient::connect(&server).await;
+        ws.send(json!({"type": "subscribe"})).await;
+        ws.send_raw(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await;
+        by_client.push(ws.time_to_eof().await);
+        // Closed by the server (full: 1013), the client answering its close frame.
+        let mut ws = WsClient::connect(&full).await;
+        assert_eq!(ws.close_code().await, Some(1013));
+        by_server.push(ws.time_to_eof().await);
+    }
+    for (who, times) in [("client", &by_client), ("server", &by_server)] {
+        let best = times.iter().min().unwrap();
+        let worst = times.iter().max().unwrap();
+        assert!(
+            *best < Duration::from_millis(50) && *worst < Duration::from_millis(500),
+            "closed by the {who}: {times:?}"
+        );
+    }
 }
 
 #[tokio::test]

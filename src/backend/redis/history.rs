@@ -1,0 +1,214 @@
+//! The stream as the hub's `History`: replays older than a node's ring, page by page, each page
+//! checked to continue the one before.
+
+use super::reader::entries;
+use super::reader::Entry;
+use super::scripts::{HEAD_KEY, PAGE, STREAM_KEY};
+use super::store::{parse_id, text, Backoff, Store};
+use crate::event::EventId;
+use crate::hub::{Backfill, History};
+use crate::ring::ResetReason;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use log::debug;
+use redis::Value;
+use std::sync::Arc;
+
+impl Store {
+    /// One page of the stream after `after`, with the newest id read in the same script.
+    pub(super) async fn read_page(&self, after: EventId) -> Result<(EventId, Vec<Entry>), String> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .within_timeout(
+                self.read
+                    .key(STREAM_KEY)
+                    .key(HEAD_KEY)
+                    .arg(after.to_string())
+                    .arg(PAGE)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let newest = text(reply.first())
+            .and_then(parse_id)
+            .ok_or("the read script answered no head")?;
+        Ok((newest, entries(reply.get(1))))
+    }
+
+    /// Every event after `after` (page by page, each page checked to continue the last), or the
+    /// reset the client needs. Retries while Redis is unreachable: the stream stays open and
+    /// resumes when Redis is back.
+    pub(super) async fn replay_after(&self, after: EventId) -> Backfill {
+        let mut backoff = Backoff::new();
+        let mut events = Vec::new();
+        let mut cursor = after;
+        loop {
+            if cursor == EventId::MAX {
+                // Beyond every id Redis can issue, and XRANGE refuses to read after it.
+                return Backfill::Reset {
+                    newest: self.newest_retrying().await,
+                    reason: ResetReason::Unknown,
+                };
+            }
+            let (newest, page) = match self.read_page(cursor).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    debug!("redis: replay after {cursor} failed ({e}); retrying");
+                    backoff.sleep().await;
+                    continue;
+                }
+            };
+            if let Err(reason) = continues(cursor, newest, page.first()) {
+                // Also when a later page no longer continues the previous one (trimmed
+                // meanwhile): the events already read would leave a hole.
+                return Backfill::Reset { newest, reason };
+            }
+            let full = page.len() == PAGE;
+            if let Some(last) = page.last() {
+                cursor = last.id;
+            }
+            events.extend(page.into_iter().filter_map(|entry| entry.event));
+            if !full {
+                return Backfill::Events {
+                    events,
+                    through: cursor,
+                };
+            }
+        }
+    }
+
+    pub(super) async fn newest_retrying(&self) -> EventId {
+        let mut backoff = Backoff::new();
+        loop {
+            let mut conn = self.conn.clone();
+            let head = self
+                .within_timeout(
+                    redis::cmd("GET")
+                        .arg(HEAD_KEY)
+                        .query_async::<Option<String>>(&mut conn),
+                )
+                .await;
+            match head {
+                Ok(head) => {
+                    return head
+                        .and_then(|id| id.parse().ok())
+                        .unwrap_or(EventId::START)
+                }
+                Err(e) => {
+                    debug!("redis: reading the newest id failed ({e}); retrying");
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+}
+
+/// The stream as the hub's history.
+pub(super) struct RedisHistory(pub(super) Arc<Store>);
+
+impl History for RedisHistory {
+    fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
+        let store = self.0.clone();
+        async move { store.replay_after(after).await }.boxed()
+    }
+
+    fn newest(&self) -> BoxFuture<'static, EventId> {
+        let store = self.0.clone();
+        async move { store.newest_retrying().await }.boxed()
+    }
+}
+
+/// Whether the stream continues right after `after`: `first` is the first entry after it (if
+/// any) and `newest` the stream's newest id.
+pub(super) fn continues(
+    after: EventId,
+    newest: EventId,
+    first: Option<&Entry>,
+) -> Result<(), ResetReason> {
+    match first {
+        None if after == newest => Ok(()),
+        // Nothing after it, yet it is not the newest: from the future, or another stream.
+        None => Err(ResetReason::Unknown),
+        Some(first) if first.prev == after => Ok(()),
+        // The entry before the first one left is newer than `after`: events after `after` were
+        // trimmed.
+        Some(first) if after < first.prev => Err(ResetReason::TooOld),
+        // `after` falls between two consecutive entries: never issued here.
+        Some(_) => Err(ResetReason::Unknown),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(epoch: u64, seq: u64) -> EventId {
+        EventId { epoch, seq }
+    }
+
+    fn entry(id: EventId, prev: EventId) -> Entry {
+        Entry {
+            id,
+            prev,
+            event: None,
+        }
+    }
+
+    #[test]
+    fn a_replay_continues_exactly_when_the_next_entry_names_the_id() {
+        let newest = id(9, 0);
+        assert_eq!(
+            continues(id(5, 0), newest, Some(&entry(id(6, 0), id(5, 0)))),
+            Ok(())
+        );
+        assert_eq!(continues(newest, newest, None), Ok(()), "up to date");
+        assert_eq!(
+            continues(EventId::START, EventId::START, None),
+            Ok(()),
+            "0 on an empty stream"
+        );
+        assert_eq!(
+            continues(
+                EventId::START,
+                newest,
+                Some(&entry(id(1, 0), EventId::START))
+            ),
+            Ok(()),
+            "0 when nothing was ever trimmed"
+        );
+    }
+
+    #[test]
+    fn trimmed_ids_are_too_old_and_foreign_ids_unknown() {
+        let newest = id(9, 0);
+        // The stream starts at 7-0, whose predecessor 6-0 was trimmed.
+        let first = entry(id(7, 0), id(6, 0));
+        assert_eq!(
+            continues(id(6, 0), newest, Some(&first)),
+            Ok(()),
+            "the newest trimmed id"
+        );
+        assert_eq!(
+            continues(id(5, 0), newest, Some(&first)),
+            Err(ResetReason::TooOld)
+        );
+        assert_eq!(
+            continues(EventId::START, newest, Some(&first)),
+            Err(ResetReason::TooOld)
+        );
+        assert_eq!(
+            continues(id(6, 5), newest, Some(&first)),
+            Err(ResetReason::Unknown),
+            "between two consecutive entries"
+        );
+        assert_eq!(
+            continues(id(10, 0), newest, None),
+            Err(ResetReason::Unknown),
+            "the future"
+        );
+        // Another stream (Redis emptied, then new events): the first entry has no predecessor.
+        assert_eq!(
+            continues(id(5, 0), newest, Some(&entry(id(8, 0), EventId::START))),
+            Err(ResetReason::Unknown)
+        );
+    }
+}
