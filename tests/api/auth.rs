@@ -579,3 +579,90 @@ async fn idempotency_keys_are_per_subject() {
     );
     assert_eq!(post(ana, json!({"task_id": "a1"})).await, first);
 }
+
+/// The probe's finding: a token limited to task 101 reused a key and got task 102's content back,
+/// since tokens without `sub` shared one key space and the key did not name the task.
+#[tokio::test]
+async fn an_idempotency_key_never_replays_an_answer_for_another_task_or_token() {
+    let server = auth_server(&[]).await;
+    let wide = token("", &["*"], &["*"], HOUR);
+    let narrow = token("", &["101"], &["101"], HOUR);
+    let post = |bearer: String, body: Value| {
+        let request = server
+            .client
+            .post(server.url("/update_task"))
+            .bearer_auth(bearer)
+            .header("idempotency-key", "k-1")
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (_, secret) = post(
+        wide.clone(),
+        json!({"task_id": 102, "title": "secret plans"}),
+    )
+    .await;
+    assert_eq!(secret["task"]["title"], "secret plans");
+    let (status, answer) = post(narrow, json!({"task_id": 101})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        answer["task"]["task_id"], 101,
+        "a new publish, not 102's answer: {answer}"
+    );
+    assert_ne!(answer["event_id"], secret["event_id"]);
+    // The same key for another task by the same token is a new publish too; for the same task,
+    // the first answer again.
+    let (_, again) = post(
+        wide.clone(),
+        json!({"task_id": 102, "title": "secret plans"}),
+    )
+    .await;
+    assert_eq!(again, secret);
+    let (_, other_task) = post(wide, json!({"task_id": 103})).await;
+    assert_eq!(other_task["task"]["task_id"], 103);
+}
+
+/// A token that may publish to a task but not read it learns the event id and the version from
+/// the answer, never the task's content (REST and `/ws` alike).
+#[tokio::test]
+async fn a_publish_only_token_is_answered_without_the_tasks_content() {
+    let server = auth_server(&[]).await;
+    let admin = admin_token();
+    let writer = token("writer", &["*"], &[], HOUR);
+    let (status, _, _) = call(
+        &server,
+        Method::POST,
+        "/update_task",
+        Some(&admin),
+        Some(json!({"task_id": 7, "title": "confidential", "data": {"k": 1}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _, answer) = call(
+        &server,
+        Method::POST,
+        "/update_task",
+        Some(&writer),
+        Some(json!({"task_id": 7, "status": "done"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(answer["task"]["version"], 2);
+    assert_eq!(answer["task"]["task_id"], 7);
+    for hidden in ["title", "data", "status"] {
+        assert!(
+            answer["task"].get(hidden).is_none(),
+            "{hidden} leaked: {answer}"
+        );
+    }
+    let mut ws =
+        crate::helpers::WsClient::connect_to(&server, &format!("/ws?access_token={writer}")).await;
+    ws.send(json!({"type": "update_task", "request_id": 1, "task_id": 7}))
+        .await;
+    let ack = ws.json().await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert!(ack["task"].get("title").is_none(), "{ack}");
+    assert_eq!(ack["task"]["version"], 3);
+}
