@@ -11,6 +11,8 @@ use crate::tls;
 use actix_web::dev::{Service, ServiceRequest};
 use actix_web::middleware::{from_fn, Condition, Logger};
 use actix_web::{guard, web, App, HttpRequest, HttpServer};
+use actix_web_lab::header::StrictTransportSecurity;
+use actix_web_lab::middleware::RedirectHttps;
 use futures_util::FutureExt;
 use log::info;
 use std::future::Future;
@@ -129,11 +131,20 @@ pub async fn run(
     state.service.backend().started().await;
     let app_state = state.clone();
     let cors_origins = config.cors_origin.clone();
+    let hsts = tls.is_some();
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
             .app_data(app_state.clone())
             .wrap(from_fn(middleware::limit_headers))
+            // Served over TLS only: tell browsers to keep to HTTPS (a year; subdomains are not
+            // taskstream's to speak for).
+            .wrap(Condition::new(
+                hsts,
+                RedirectHttps::with_hsts(StrictTransportSecurity::new(Duration::from_secs(
+                    365 * 86_400,
+                ))),
+            ))
             .wrap(Condition::new(
                 !cors_origins.is_empty(),
                 middleware::cors(&cors_origins),
