@@ -3,6 +3,7 @@
 mod auth;
 mod errors;
 mod events;
+mod failures;
 mod guards;
 mod helpers;
 mod limits;
