@@ -95,6 +95,8 @@ pub struct SubCheck {
     pub out_of_order: u64,
     pub protocol_errors: u64,
     pub lost_samples: Vec<String>,
+    #[serde(skip)]
+    pub lost_ids: Vec<Id>,
     pub close_codes: BTreeMap<u16, u64>,
 }
 
@@ -155,6 +157,7 @@ pub fn check(book: &Book, committed: &BTreeMap<Id, Commit>) -> SubCheck {
             out.excused += 1;
         } else {
             out.lost += 1;
+            out.lost_ids.push(*id);
             if out.lost_samples.len() < 5 {
                 out.lost_samples.push(id.to_string());
             }
@@ -369,11 +372,11 @@ mod tests {
     #[test]
     fn acknowledged_and_seen_agree_or_conflict() {
         let ack = vec![(Id(1, 1), commit(1, 1, 1))];
-        let seen = vec![(Id(1, 1), commit(1, 1, 1)), (Id(1, 2), commit(1, 2, 2))];
+        let seen = [(Id(1, 1), commit(1, 1, 1)), (Id(1, 2), commit(1, 2, 2))];
         let (all, conflicts) = committed(ack.into_iter(), seen.iter());
         assert_eq!(all.len(), 2);
         assert!(conflicts.is_empty());
-        let other = vec![(Id(1, 1), commit(2, 1, 1))];
+        let other = [(Id(1, 1), commit(2, 1, 1))];
         let (_, conflicts) = committed(all.clone().into_iter(), other.iter());
         assert_eq!(conflicts.len(), 1);
     }

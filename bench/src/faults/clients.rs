@@ -143,6 +143,9 @@ pub async fn subscriber(cfg: SubCfg, world: Arc<World>, control: Arc<SubControl>
         }
         let session = if *draining.borrow() {
             Duration::from_secs(3600)
+        } else if cfg.sabotage {
+            // Short sessions, so that even a short run resumes (wrongly) a few times.
+            Duration::from_millis(1000 + rng.below(1000))
         } else {
             Duration::from_millis(1000 + rng.below(7000))
         };

@@ -80,6 +80,9 @@ struct Args {
     /// Mean seconds between two faults.
     #[arg(long, default_value_t = 3.0)]
     fault_every: f64,
+    /// Only these faults (comma separated), of those the backend gets: to reproduce one.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Fault>,
     /// Deliberately break one subscriber (it resumes with an id one past what it got), to show
     /// that the run detects a loss: the run must then fail.
     #[arg(long)]
@@ -101,7 +104,7 @@ impl Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -110,7 +113,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     fn millis(&mut self, low: u64, high: u64) -> Duration {
@@ -118,7 +121,7 @@ impl Rng {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 enum Fault {
     NodeKill,
@@ -158,16 +161,20 @@ impl Fault {
         }
     }
 
-    fn pick(backend: Backend, rng: &mut Rng) -> Fault {
-        let menu = Fault::menu(backend);
-        let mut roll = rng.below(menu.iter().map(|(_, w)| w).sum());
-        for &(fault, weight) in menu {
-            if roll < weight {
-                return fault;
-            }
-            roll -= weight;
+    /// The next round of faults, shuffled: the first round has each fault once, so that even a
+    /// short run meets every kind; later rounds have each as often as its weight.
+    fn deal(backend: Backend, only: &[Fault], first: bool, rng: &mut Rng) -> Vec<Fault> {
+        let mut deck: Vec<Fault> = Fault::menu(backend)
+            .iter()
+            .filter(|(f, _)| only.is_empty() || only.contains(f))
+            .flat_map(|&(f, weight)| {
+                std::iter::repeat_n(f, if first { 1 } else { weight as usize })
+            })
+            .collect();
+        for i in (1..deck.len()).rev() {
+            deck.swap(i, rng.below(i as u64 + 1) as usize);
         }
-        menu[0].0
+        deck
     }
 }
 
@@ -178,8 +185,8 @@ struct Cluster {
     nodes: Vec<Node>,
     world: Arc<World>,
     controls: Vec<Arc<SubControl>>,
-    /// (seconds since the start, fault, what it hit)
-    timeline: Vec<(f64, Fault, String)>,
+    /// (seconds since the start, Unix milliseconds, fault, what it hit)
+    timeline: Vec<(f64, u64, Fault, String)>,
     started: Instant,
     /// Nodes that died without being killed.
     crashes: Vec<String>,
@@ -194,7 +201,7 @@ impl Cluster {
     fn note(&mut self, fault: Fault, what: String) {
         let at = self.started.elapsed().as_secs_f64();
         eprintln!("[{at:6.1}s] {fault:?}: {what}");
-        self.timeline.push((at, fault, what));
+        self.timeline.push((at, unix_ms(), fault, what));
     }
 
     fn check_crashes(&mut self) {
@@ -264,11 +271,14 @@ impl Cluster {
                     .await?;
             }
             Fault::SlowReaders => {
-                let hold = rng.millis(2000, 6000);
+                let hold = rng.millis(4000, 9000);
                 let slow: Vec<usize> = (0..self.controls.len()).filter(|i| i % 5 == 1).collect();
                 let mut picked = Vec::new();
                 for _ in 0..3.min(slow.len()) {
                     let s = slow[rng.below(slow.len() as u64) as usize];
+                    if picked.contains(&s) {
+                        continue;
+                    }
                     let mut pause = self.controls[s]
                         .pause_until
                         .lock()
@@ -319,6 +329,35 @@ impl Cluster {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// On Redis an id's first group is the millisecond Redis stored the event (same clock as this
+/// tool's): each lost event is put down to the last fault that began before it. Answers, per
+/// fault kind, (faults followed by a loss, faults, distinct events lost).
+fn losses_by_fault(
+    timeline: &[(f64, u64, Fault, String)],
+    lost: &std::collections::BTreeSet<Id>,
+) -> BTreeMap<Fault, (u64, u64, u64)> {
+    let mut out: BTreeMap<Fault, (u64, u64, u64)> = BTreeMap::new();
+    let mut hit = vec![false; timeline.len()];
+    for id in lost {
+        if let Some(i) = timeline.iter().rposition(|(_, ms, _, _)| *ms <= id.0) {
+            hit[i] = true;
+            out.entry(timeline[i].2).or_default().2 += 1;
+        }
+    }
+    for (i, (_, _, fault, _)) in timeline.iter().enumerate() {
+        let entry = out.entry(*fault).or_default();
+        entry.1 += 1;
+        entry.0 += u64::from(hit[i]);
+    }
+    out
+}
+
 /// `GET path` on one node: status and JSON body.
 async fn get_json(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Value)> {
     let mut conn = HttpConn::new(addr, None);
@@ -332,6 +371,32 @@ async fn get_json(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Value)
         response.status,
         serde_json::from_slice(&response.body).ok()?,
     ))
+}
+
+/// A node's resets and lagged subscribers, from `/metrics` (since the process started).
+async fn metrics(addr: std::net::SocketAddr) -> Value {
+    let mut conn = HttpConn::new(addr, None);
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let Ok(Ok(response)) =
+        tokio::time::timeout(Duration::from_secs(3), conn.round_trip(request.as_bytes())).await
+    else {
+        return Value::Null;
+    };
+    let text = String::from_utf8_lossy(&response.body);
+    let value = |name: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    json!({
+        "resets": value("taskstream_resets_total"),
+        "lagged_subscribers": value("taskstream_lagged_subscribers_total"),
+        "events_replayed": value("taskstream_events_replayed_total"),
+    })
 }
 
 fn node_args(backend: Backend, redis: Option<&Redis>, dir: &std::path::Path) -> Vec<String> {
@@ -366,6 +431,16 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
                 args.taskstream.display()
             );
         }
+    }
+    if let Some(f) = args
+        .only
+        .iter()
+        .find(|f| !Fault::menu(args.backend).iter().any(|(m, _)| m == *f))
+    {
+        bail!(
+            "--only {f:?}: the {:?} backend gets no such fault",
+            args.backend
+        );
     }
     let redis = match args.backend {
         Backend::Redis => Some(Redis::start(&args.redis_server, &dir.join("redis")).await?),
@@ -421,16 +496,16 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         .collect();
     let mut controls = Vec::new();
     let mut subs = Vec::new();
-    for i in 0..subscribers {
+    for (i, filter) in filters.iter().enumerate() {
         let control = Arc::new(SubControl::default());
         let websocket = i >= args.sse;
         let cfg = SubCfg {
             name: format!("{}{}", if websocket { "ws" } else { "sse" }, i),
             websocket,
-            filter: filters[i].clone(),
+            filter: filter.clone(),
             slow_capable: i % 5 == 1,
             sabotage: args.sabotage && i == 0,
-            seed: rng.next(),
+            seed: rng.next_u64(),
         };
         subs.push(tokio::spawn(clients::subscriber(
             cfg,
@@ -456,7 +531,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
                 index: p,
                 tasks: args.tasks,
                 interval: Duration::from_millis(args.interval_ms),
-                seed: rng.next(),
+                seed: rng.next_u64(),
                 until: fault_until,
                 give_up: fault_until + Duration::from_secs(30),
             },
@@ -475,13 +550,19 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         crashes: Vec::new(),
     };
     let mean = args.fault_every.max(0.2);
+    let mut deck = Vec::new();
+    let mut rounds = 0;
     while Instant::now() < fault_until {
         let gap = Duration::from_secs_f64(mean * (0.5 + rng.below(1000) as f64 / 1000.0));
         tokio::time::sleep(gap.min(fault_until.saturating_duration_since(Instant::now()))).await;
         if Instant::now() >= fault_until {
             break;
         }
-        let fault = Fault::pick(cluster.backend, &mut rng);
+        if deck.is_empty() {
+            deck = Fault::deal(cluster.backend, &args.only, rounds == 0, &mut rng);
+            rounds += 1;
+        }
+        let Some(fault) = deck.pop() else { break };
         cluster.inject(fault, &mut rng).await?;
     }
     eprintln!(
@@ -610,7 +691,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         .flat_map(|b| b.refused.iter().cloned())
         .collect();
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, fault, _) in &cluster.timeline {
+    for (_, _, fault, _) in &cluster.timeline {
         *faults
             .entry(
                 serde_json::to_value(fault)?
@@ -624,6 +705,27 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
     for c in &checks {
         for (code, n) in &c.close_codes {
             *close_codes.entry(*code).or_default() += n;
+        }
+    }
+    let lost_ids: std::collections::BTreeSet<Id> = checks
+        .iter()
+        .flat_map(|c| c.lost_ids.iter().copied())
+        .collect();
+    let by_fault = (args.backend == Backend::Redis).then(|| {
+        losses_by_fault(&cluster.timeline, &lost_ids)
+            .into_iter()
+            .map(|(fault, (followed, of, events))| {
+                (
+                    serde_json::to_value(fault).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                    json!({"followed_by_loss": followed, "faults": of, "distinct_events_lost": events}),
+                )
+            })
+            .collect::<BTreeMap<String, Value>>()
+    });
+    let mut node_metrics = Vec::new();
+    for node in &cluster.nodes {
+        if let Some(addr) = node.addr {
+            node_metrics.push(metrics(addr).await);
         }
     }
     let mut problems = Vec::new();
@@ -653,7 +755,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         "subscribers": {"sse": args.sse, "ws": args.ws},
         "publishers": args.publishers,
         "faults": faults,
-        "timeline": cluster.timeline.iter().map(|(at, f, what)| json!({"at": (at * 10.0).round() / 10.0, "fault": f, "what": what})).collect::<Vec<_>>(),
+        "timeline": cluster.timeline.iter().map(|(at, _, f, what)| json!({"at": (at * 10.0).round() / 10.0, "fault": f, "what": what})).collect::<Vec<_>>(),
         "published": {
             "acknowledged": acked.len(),
             "committed": committed.len(),
@@ -670,6 +772,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         "resets": resets,
         "excused_by_resets": total(|c| c.excused),
         "lost": lost,
+        "distinct_events_lost": lost_ids.len(),
+        "losses_by_fault": by_fault,
+        "node_metrics_since_last_start": node_metrics,
         "duplicated": duplicated,
         "out_of_order": out_of_order,
         "protocol_errors": protocol_errors,
@@ -732,13 +837,14 @@ fn print_table(report: &Value, checks: &[SubCheck]) {
         );
     }
     eprintln!(
-        "faults {}; published {} acknowledged ({} retried); idempotency duplicates {}; mismatches {}; ws close codes {}",
+        "faults {}; published {} acknowledged ({} retried); idempotency duplicates {}; mismatches {}; ws close codes {}\nlosses by the fault before them: {}",
         report["faults"],
         report["published"]["acknowledged"],
         report["published"]["retried"],
         report["idempotency_duplicates"].as_array().map_or(0, Vec::len),
         report["mismatches"].as_array().map_or(0, Vec::len),
         report["ws_close_codes"],
+        report["losses_by_fault"],
     );
     for m in report["mismatches"]
         .as_array()
