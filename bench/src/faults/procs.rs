@@ -21,11 +21,9 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<u32>> {
     CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// SIGCONT (a stopped process cannot act on SIGKILL's wake-up otherwise... it can, but a stopped
-/// child would keep its socket readable to no one) and SIGKILL to every registered child.
+/// SIGKILL to every registered child (a stopped one too: SIGKILL needs no SIGCONT).
 pub fn kill_all() {
     for pid in registry().drain(..) {
-        signal(pid, libc::SIGCONT);
         signal(pid, libc::SIGKILL);
     }
 }
@@ -264,7 +262,6 @@ impl Node {
         self.addr = None;
         self.stopped = false;
         if let Some(child) = self.child.take() {
-            signal(child.id(), libc::SIGCONT);
             signal(child.id(), libc::SIGKILL);
             wait_exit(child, Duration::from_secs(5)).await;
         }
