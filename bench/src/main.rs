@@ -5,10 +5,8 @@
 //! Works against taskstream (`--target taskstream`, the default) and nchan
 //! (`--target nchan`) so the two can be compared with the same client.
 
-mod http;
 mod publish;
 mod report;
-mod sse;
 mod sub;
 mod sys;
 
@@ -20,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use taskstream_bench::http;
 use tokio::sync::{watch, Semaphore};
 
 use crate::publish::{PubCfg, PubResult};

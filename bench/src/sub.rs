@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
 use crate::http::{self, Dechunker, ResponseHead};
-use crate::sse::{self, Event, SseParser};
+use taskstream_sse::{self as sse, Event, SseParser};
 
 pub const RUN: u8 = 0;
 pub const DISCONNECT: u8 = 1;

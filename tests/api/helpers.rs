@@ -452,23 +452,34 @@ impl Frame {
     }
 
     fn parse(raw: String) -> Frame {
+        use taskstream_sse::Line;
         let mut frame = Frame {
             at: Some(Instant::now()),
             ..Frame::default()
         };
-        for line in raw.lines() {
-            let (field, value) = line.split_once(':').unwrap_or((line, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
-            match field {
-                "" => frame.comments.push(value),
-                "id" => frame.id = Some(value),
-                "event" => frame.event = Some(value),
-                "retry" => frame.retry = Some(value),
-                "data" => {
+        // The frame is UTF-8 (checked by the caller), and the parser splits only at ASCII bytes.
+        let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).expect("UTF-8 field");
+        for line in taskstream_sse::lines(raw.as_bytes()) {
+            let (name, value) = match line {
+                Line::Blank => continue,
+                Line::Comment(value) => {
+                    frame.comments.push(text(value));
+                    continue;
+                }
+                Line::Field { name, value } => (name, text(value)),
+            };
+            match name {
+                b"id" => frame.id = Some(value),
+                b"event" => frame.event = Some(value),
+                b"retry" => frame.retry = Some(value),
+                b"data" => {
                     assert!(frame.data.is_none(), "data must stay one line: {raw:?}");
                     frame.data = Some(value);
                 }
-                other => panic!("unexpected field {other:?} in {raw:?}"),
+                other => panic!(
+                    "unexpected field {:?} in {raw:?}",
+                    String::from_utf8_lossy(other)
+                ),
             }
         }
         frame.raw = raw;
@@ -495,8 +506,8 @@ impl SseStream {
     }
 
     fn take_frame(&mut self) -> Option<Frame> {
-        let end = self.buffer.windows(2).position(|w| w == b"\n\n")?;
-        let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+        let end = taskstream_sse::frame_end(&self.buffer)?;
+        let raw: Vec<u8> = self.buffer.drain(..end).collect();
         assert!(!raw.contains(&b'\r'), "frames use LF only: {raw:?}");
         Some(Frame::parse(String::from_utf8(raw).expect("UTF-8 frame")))
     }

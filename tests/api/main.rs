@@ -4,6 +4,7 @@ mod auth;
 mod capacity;
 mod errors;
 mod events;
+mod failures;
 mod helpers;
 mod limits;
 mod redis;

@@ -1,8 +1,56 @@
-//! Incremental Server-Sent Events parser (WHATWG rules: lines end in CRLF, LF
-//! or CR; `data` lines are joined with LF; `id` persists between events; an
-//! empty line dispatches; lines starting with `:` are comments).
+//! The one Server-Sent Events parser of taskstream's tests, load tool and fault run: the line
+//! grammar (`parse_line`), an incremental event parser for the hot path of the load tool
+//! (`SseParser`, WHATWG rules: lines end in CRLF, LF or CR; `data` lines are joined with LF; `id`
+//! persists between events; an empty line dispatches; lines starting with `:` are comments), and
+//! frame splitting for tests that keep each frame's exact bytes (`frame_end`, `lines`).
 
 use std::cmp::Ordering;
+
+/// One line of a stream, without its line end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// The blank line that ends a frame.
+    Blank,
+    /// `: text`: the text, one leading space removed.
+    Comment(&'a [u8]),
+    /// `name: value` (one leading space of the value removed), or a bare `name`.
+    Field { name: &'a [u8], value: &'a [u8] },
+}
+
+/// Parses one line (without its line end) as the SSE grammar reads it.
+pub fn parse_line(line: &[u8]) -> Line<'_> {
+    fn strip(value: &[u8]) -> &[u8] {
+        value.strip_prefix(b" ").unwrap_or(value)
+    }
+    match line.first() {
+        None => Line::Blank,
+        Some(b':') => Line::Comment(strip(&line[1..])),
+        Some(_) => match memchr::memchr(b':', line) {
+            Some(c) => Line::Field {
+                name: &line[..c],
+                value: strip(&line[c + 1..]),
+            },
+            None => Line::Field {
+                name: line,
+                value: b"",
+            },
+        },
+    }
+}
+
+/// Where the first complete frame of `buffer` ends (just after its blank line), for a stream
+/// framed with LF only, as taskstream's is: a test keeps the frame's exact bytes.
+pub fn frame_end(buffer: &[u8]) -> Option<usize> {
+    memchr::memmem::find(buffer, b"\n\n").map(|at| at + 2)
+}
+
+/// The lines of one LF-framed frame, blank line excluded.
+pub fn lines(frame: &[u8]) -> impl Iterator<Item = Line<'_>> {
+    frame
+        .split(|&b| b == b'\n')
+        .map(parse_line)
+        .filter(|line| *line != Line::Blank)
+}
 
 /// One dispatched event. `id` is the stream's last event id at dispatch time;
 /// `had_id` tells whether this very event carried an `id:` field.
@@ -86,36 +134,32 @@ impl SseParser {
     }
 
     fn line(&mut self, line: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
-        if line.is_empty() {
-            if !self.data.is_empty() {
-                self.data.pop(); // trailing LF
-                let kind: &[u8] = if self.kind.is_empty() {
-                    b"message"
-                } else {
-                    &self.kind
-                };
-                on_event(Event {
-                    kind,
-                    data: &self.data,
-                    id: &self.last_id,
-                    had_id: self.had_id,
-                });
+        let (name, value) = match parse_line(line) {
+            Line::Blank => {
+                if !self.data.is_empty() {
+                    self.data.pop(); // trailing LF
+                    let kind: &[u8] = if self.kind.is_empty() {
+                        b"message"
+                    } else {
+                        &self.kind
+                    };
+                    on_event(Event {
+                        kind,
+                        data: &self.data,
+                        id: &self.last_id,
+                        had_id: self.had_id,
+                    });
+                }
+                self.data.clear();
+                self.kind.clear();
+                self.had_id = false;
+                return;
             }
-            self.data.clear();
-            self.kind.clear();
-            self.had_id = false;
-            return;
-        }
-        if line[0] == b':' {
-            self.comments += 1;
-            return;
-        }
-        let (name, value) = match memchr::memchr(b':', line) {
-            Some(c) => {
-                let v = &line[c + 1..];
-                (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+            Line::Comment(_) => {
+                self.comments += 1;
+                return;
             }
-            None => (line, &b""[..]),
+            Line::Field { name, value } => (name, value),
         };
         if self.first_field_retry.is_none() {
             self.first_field_retry = Some(name == b"retry");
@@ -205,6 +249,55 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = raw.chunks(1).collect();
         assert_eq!(collect(&bytes), whole);
+    }
+
+    #[test]
+    fn frames_split_into_lines_with_their_exact_bytes() {
+        let buffer = b"retry: 3000\n\n: keep-alive\n\nid: 1\nevent: reset\ndata: {}\n\nid: 2";
+        let first = frame_end(buffer).unwrap();
+        assert_eq!(&buffer[..first], b"retry: 3000\n\n");
+        let second = first + frame_end(&buffer[first..]).unwrap();
+        assert_eq!(
+            lines(&buffer[first..second]).collect::<Vec<_>>(),
+            vec![Line::Comment(b"keep-alive")]
+        );
+        let third = second + frame_end(&buffer[second..]).unwrap();
+        assert_eq!(
+            lines(&buffer[second..third]).collect::<Vec<_>>(),
+            vec![
+                Line::Field {
+                    name: b"id",
+                    value: b"1"
+                },
+                Line::Field {
+                    name: b"event",
+                    value: b"reset"
+                },
+                Line::Field {
+                    name: b"data",
+                    value: b"{}"
+                },
+            ]
+        );
+        assert_eq!(
+            frame_end(&buffer[third..]),
+            None,
+            "an incomplete frame waits"
+        );
+        assert_eq!(
+            parse_line(b"data"),
+            Line::Field {
+                name: b"data",
+                value: b""
+            }
+        );
+        assert_eq!(
+            parse_line(b"data:x: y"),
+            Line::Field {
+                name: b"data",
+                value: b"x: y"
+            }
+        );
     }
 
     #[test]
