@@ -147,8 +147,8 @@ async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError
     )))
 }
 
-/// The request line for the access log, with the value of any `access_token` query parameter
-/// replaced, so tokens never reach the logs.
+/// The request line for the access log, with the value of every credential-bearing query
+/// parameter and every JWT-shaped text replaced, so tokens never reach the logs.
 fn redacted_request_line(req: &ServiceRequest) -> String {
     let query = req.query_string();
     let target = if query.is_empty() {
@@ -157,21 +157,17 @@ fn redacted_request_line(req: &ServiceRequest) -> String {
         let redacted = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if is_token_parameter(key) => format!("{key}=[redacted]"),
+                Some((key, _)) if crate::log_redact::is_credential_parameter(key) => {
+                    format!("{key}=[redacted]")
+                }
                 _ => pair.to_owned(),
             })
             .collect::<Vec<_>>()
             .join("&");
         format!("{}?{redacted}", req.path())
     };
+    let target = crate::log_redact::redact_jwts(&target);
     format!("{} {target} {:?}", req.method(), req.version())
-}
-
-/// `access_token`, also when a client percent-encoded some of its letters.
-fn is_token_parameter(key: &str) -> bool {
-    form_urlencoded::parse(key.as_bytes())
-        .next()
-        .is_some_and(|(k, _)| k == crate::auth::QUERY_PARAMETER)
 }
 
 /// Serves until `shutdown` resolves, then ends every event stream after its last complete frame,
@@ -187,10 +183,12 @@ pub async fn run(
     let app_state = state.clone();
     let stopping = state.clone();
     let cors_origins = config.cors_origin.clone();
+    let allowed_origins = web::Data::new(crate::origin::AllowedOrigins(cors_origins.clone()));
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
             .app_data(app_state.clone())
+            .app_data(allowed_origins.clone())
             .wrap(from_fn(limits::limit_headers))
             .wrap(Condition::new(
                 !cors_origins.is_empty(),
@@ -214,6 +212,7 @@ pub async fn run(
                 Logger::new(r#"%a "%{request}xi" %s %b %Dms"#)
                     .custom_request_replace("request", redacted_request_line),
             )
+            .wrap(from_fn(crate::http_guard::close_unfinished_bodies))
             .configure(routes)
             .default_service(web::to(not_found))
     })

@@ -17,6 +17,10 @@
 //! - [`auth`] — JWTs, task patterns, the `Access` extractor (off unless a key is configured).
 //! - [`limits`] — publish rate, per-IP streams, head/body size and time limits, CORS.
 //! - [`tls`] — rustls for HTTPS and HTTP/2.
+//! - [`http_guard`] — an unread request body closes its connection (no unbounded drain).
+//! - [`origin`] — the `/ws` handshake's `Origin` check (cross-site WebSocket hijacking).
+//! - [`log_redact`] — credentials out of the access log, control characters escaped.
+//! - [`listener`] — the listening socket, with its backlog.
 //! - [`openapi`] — the OpenAPI document, generated from the handlers' annotations.
 
 pub mod app;
@@ -25,10 +29,14 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod http_guard;
 pub mod hub;
 pub mod limits;
+pub mod listener;
+pub mod log_redact;
 pub mod metrics;
 pub mod openapi;
+pub mod origin;
 pub mod ring;
 pub mod routes;
 pub mod shutdown;

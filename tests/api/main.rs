@@ -4,6 +4,7 @@ mod auth;
 mod errors;
 mod events;
 mod guards;
+mod hardening;
 mod helpers;
 mod limits;
 mod redis;
