@@ -220,6 +220,7 @@ pub async fn run(
     // the idle stream (and its subscription) until a write fails, up to a keep-alive later.
     // EventSource and curl never half-close, so nothing legitimate is cut.
     .h1_allow_half_closed(false)
+    .on_connect(crate::http_guard::on_connect)
     // Slow-loris: a client gets this long for the request head (and for a TLS handshake); the
     // body has its own timeout in the handler.
     .client_request_timeout(config.request_timeout())

@@ -8,25 +8,53 @@
 //! answer `connection: close` and shuts the socket once the answer is out (without a linger, as
 //! `client_disconnect_timeout` is zero). So this middleware keeps the request body alive until
 //! the answer's body has been sent; a body read to its end changes nothing, keep-alive included.
+//!
+//! Such an answer says `connection: close`, but actix still serves requests the client had
+//! already pipelined behind it (RFC 9112 9.6 forbids that: issue 16, item 12). So the connection
+//! remembers the close, and a request arriving behind it is never answered: it waits until the
+//! close answer is written, then gets a body that fails before its head is sent, which is the one
+//! way a service can make actix drop a connection without writing anything more on it.
 
-use actix_web::body::{BodySize, MessageBody};
+use actix_web::body::{BodySize, EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use actix_web::HttpMessage;
 use futures_util::Stream;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// The HTTP/1 body, shared by the handler (which reads it) and the answer (which outlives it).
 type Shared = Rc<RefCell<Payload>>;
+
+/// Per connection (`HttpServer::on_connect`): set once an answer on it will close it.
+#[derive(Clone, Default)]
+pub struct Closing(Rc<Cell<bool>>);
+
+/// For `HttpServer::on_connect`.
+pub fn on_connect(_: &dyn std::any::Any, extensions: &mut actix_web::dev::Extensions) {
+    extensions.insert(Closing::default());
+}
+
+/// How long a request pipelined behind a closing answer waits before its connection is dropped:
+/// actix writes the closing answer out while this request's handler is pending, and a reader that
+/// keeps up has it within this time.
+const PIPELINED_AFTER_CLOSE: Duration = Duration::from_millis(200);
 
 pub async fn close_unfinished_bodies(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let closing = req.conn_data::<Closing>().cloned();
+    if closing.as_ref().is_some_and(|c| c.0.get()) {
+        tokio::time::sleep(PIPELINED_AFTER_CLOSE).await;
+        let response = req.into_response(actix_web::HttpResponse::BadRequest().finish());
+        return Ok(response.map_body(|_, _| EitherBody::left(DropConnection)));
+    }
     // Only HTTP/1 drains: HTTP/2 resets the stream instead, and a bodiless request has nothing.
     let held = match req.take_payload() {
         payload @ Payload::H1 { .. } => {
@@ -42,7 +70,26 @@ pub async fn close_unfinished_bodies(
         }
     };
     let response = next.call(req).await?;
-    Ok(response.map_body(|_, body| HoldBody { body, _held: held }))
+    if let (Some(held), Some(closing)) = (&held, &closing) {
+        // An upgraded connection goes on reading its body (the WebSocket frames) elsewhere.
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS && body_unfinished(held).await {
+            closing.0.set(true);
+        }
+    }
+    Ok(response.map_body(|_, body| EitherBody::right(HoldBody { body, _held: held })))
+}
+
+/// Whether the client has not yet sent all of the body: what actix closes the connection for.
+/// What did arrive is read and dropped (the handler has answered without it).
+async fn body_unfinished(held: &Shared) -> bool {
+    std::future::poll_fn(|cx| loop {
+        match Pin::new(&mut *held.borrow_mut()).poll_next(cx) {
+            Poll::Ready(Some(Ok(_))) => continue,
+            Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(false),
+            Poll::Pending => return Poll::Ready(true),
+        }
+    })
+    .await
 }
 
 /// The handler's view of the shared body. The handler runs on the connection's thread, and the
@@ -100,4 +147,27 @@ pub fn add_page_headers(headers: &mut actix_web::http::header::HeaderMap) {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+}
+
+/// The body of a request pipelined behind a `connection: close` answer: it fails at once, and
+/// actix then drops the connection with this answer's head still unwritten.
+struct DropConnection;
+
+#[derive(Debug, thiserror::Error)]
+#[error("a request was pipelined behind a `connection: close` answer: the connection is dropped without answering it")]
+struct PipelinedAfterClose;
+
+impl MessageBody for DropConnection {
+    type Error = PipelinedAfterClose;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Poll::Ready(Some(Err(PipelinedAfterClose)))
+    }
 }

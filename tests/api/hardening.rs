@@ -338,3 +338,32 @@ async fn an_ec_key_on_another_curve_than_p256_is_refused_at_start() {
     assert!(!status.success());
     assert!(stderr.contains("P-256"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_request_pipelined_behind_a_closing_answer_is_not_served() {
+    let server = TestServer::start(&["--publish-rate", "1", "--publish-burst", "1"]).await;
+    server.update(json!({"task_id": 1})).await;
+    // Over the rate: 429 before the body is read, so actix closes. Behind it, in one write, a
+    // request that must not be served (and a body that must never be taken for one).
+    let body = "DELETE /tasks/1 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let request = format!(
+        "POST /update_task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    let (answer, closed) = answer_and_close(&server, request.as_bytes(), PATIENCE).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
+    assert!(answer.contains("connection: close"), "{answer:?}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer:?}");
+    assert!(closed.is_some(), "the connection stayed open");
+    let (status, _) = server.get_json("/tasks/1").await;
+    assert_eq!(status, StatusCode::OK, "the body was not run as a DELETE");
+    // Plain keep-alive pipelining is untouched.
+    let (answer, _) = answer_and_close(
+        &server,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer:?}");
+}
