@@ -1,4 +1,5 @@
-//! `close_unfinished_bodies`: a request body the handler left unread ends its connection.
+//! The HTTP/1 edge below the handlers: a request body left unread ends its connection
+//! (`close_unfinished_bodies`), and the board page's security headers (`add_page_headers`).
 //!
 //! actix-http 3.20 (the newest release) drains a chunked body that a handler dropped unread, with
 //! no time or byte bound, and only then lets the connection go: a client that never sends the

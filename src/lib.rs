@@ -17,7 +17,8 @@
 //! - [`auth`] — JWTs, task patterns, the `Access` extractor (off unless a key is configured).
 //! - [`limits`] — publish rate, per-IP streams, head/body size and time limits, CORS.
 //! - [`tls`] — rustls for HTTPS and HTTP/2.
-//! - [`http_guard`] — an unread request body closes its connection (no unbounded drain).
+//! - [`http_guard`] — an unread request body closes its connection (no unbounded drain); the
+//!   board page's security headers.
 //! - [`origin`] — the `/ws` handshake's `Origin` check (cross-site WebSocket hijacking).
 //! - [`log_redact`] — credentials out of the access log, control characters escaped.
 //! - [`listener`] — the listening socket, with its backlog.
