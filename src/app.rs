@@ -91,8 +91,8 @@ async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError
     )))
 }
 
-/// The request line for the access log, with the value of any `access_token` query parameter
-/// replaced, so tokens never reach the logs.
+/// The request line for the access log, with the value of every credential-bearing query
+/// parameter and every JWT-shaped text replaced, so tokens never reach the logs.
 fn redacted_request_line(req: &ServiceRequest) -> String {
     let query = req.query_string();
     let target = if query.is_empty() {
@@ -101,21 +101,17 @@ fn redacted_request_line(req: &ServiceRequest) -> String {
         let redacted = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if is_token_parameter(key) => format!("{key}=[redacted]"),
+                Some((key, _)) if crate::log_redact::is_credential_parameter(key) => {
+                    format!("{key}=[redacted]")
+                }
                 _ => pair.to_owned(),
             })
             .collect::<Vec<_>>()
             .join("&");
         format!("{}?{redacted}", req.path())
     };
+    let target = crate::log_redact::redact_jwts(&target);
     format!("{} {target} {:?}", req.method(), req.version())
-}
-
-/// `access_token`, also when a client percent-encoded some of its letters.
-fn is_token_parameter(key: &str) -> bool {
-    form_urlencoded::parse(key.as_bytes())
-        .next()
-        .is_some_and(|(k, _)| k == crate::auth::QUERY_PARAMETER)
 }
 
 /// Serves until `shutdown` resolves, then ends every event stream after its last complete frame,
@@ -132,6 +128,7 @@ pub async fn run(
     let app_state = state.clone();
     let cors_origins = config.cors_origin.clone();
     let hsts = tls.is_some();
+    let allowed_origins = web::Data::new(crate::origin::AllowedOrigins(cors_origins.clone()));
     let mut server = HttpServer::new(move || {
         let metrics = app_state.metrics.clone();
         App::new()
@@ -145,6 +142,7 @@ pub async fn run(
                     365 * 86_400,
                 ))),
             ))
+            .app_data(allowed_origins.clone())
             .wrap(Condition::new(
                 !cors_origins.is_empty(),
                 middleware::cors(&cors_origins),
@@ -167,6 +165,7 @@ pub async fn run(
                 Logger::new(r#"%a "%{request}xi" %s %b %Dms"#)
                     .custom_request_replace("request", redacted_request_line),
             )
+            .wrap(from_fn(crate::http_guard::close_unfinished_bodies))
             .configure(routes)
             .default_service(web::to(not_found))
     })
@@ -174,6 +173,7 @@ pub async fn run(
     // the idle stream (and its subscription) until a write fails, up to a keep-alive later.
     // EventSource and curl never half-close, so nothing legitimate is cut.
     .h1_allow_half_closed(false)
+    .on_connect(crate::http_guard::on_connect)
     // Slow-loris: a client gets this long for the request head (and for a TLS handshake); the
     // body has its own timeout in the handler.
     .client_request_timeout(config.request_timeout())

@@ -275,13 +275,19 @@ impl fmt::Debug for JwtPublicKey {
 }
 
 impl JwtPublicKey {
-    /// An RSA key verifies RS256; an EC key ES256 (P-256) or ES384 (P-384), as its curve decides.
+    /// An RSA key verifies RS256; an EC P-256 key ES256. Other curves are refused, as the docs and
+    /// `taskstream token` (which signs ES256) know no other.
     pub fn from_file(path: &str) -> Result<JwtPublicKey, String> {
         let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
         let (key, algorithms): (_, &'static [Algorithm]) = match DecodingKey::from_rsa_pem(&pem) {
             Ok(key) => (key, &[Algorithm::RS256]),
             Err(_) => match DecodingKey::from_ec_pem(&pem) {
-                Ok(key) => (key, &[Algorithm::ES256, Algorithm::ES384]),
+                Ok(_) if !is_p256(&pem) => {
+                    return Err(format!(
+                        "{path} holds an EC key on another curve than P-256: only ES256 (P-256) is supported"
+                    ))
+                }
+                Ok(key) => (key, &[Algorithm::ES256]),
                 Err(_) => {
                     return Err(format!(
                     "{path} holds no RSA or EC public key in PEM (\"-----BEGIN PUBLIC KEY-----\")"
@@ -296,6 +302,22 @@ impl JwtPublicKey {
         })
     }
 }
+
+/// Whether a PEM EC public key (SubjectPublicKeyInfo) names the P-256 curve: its DER holds the
+/// curve's OID, 1.2.840.10045.3.1.7.
+fn is_p256(pem: &[u8]) -> bool {
+    const P256_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    pem::parse(pem).is_ok_and(|block| {
+        block
+            .contents()
+            .windows(P256_OID.len())
+            .any(|w| w == P256_OID)
+    })
+}
+
+/// The longest `--ttl` of `taskstream token`: a token valid longer is a key that never expires,
+/// and beyond about 2^63 s `exp` no longer fits a time at all.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 366 * 86_400);
 
 /// `90`, `90s`, `30m`, `1h`, `7d`.
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -315,6 +337,12 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     };
     if seconds == 0 {
         return Err("the time to live must be at least 1s".into());
+    }
+    if seconds > MAX_TTL.as_secs() {
+        return Err(format!(
+            "`{text}`: the time to live must be at most {}d (100 years)",
+            MAX_TTL.as_secs() / 86_400
+        ));
     }
     Ok(Duration::from_secs(seconds))
 }

@@ -18,7 +18,9 @@
 //! 5. [`service`]: publish and subscribe, once, for every transport; refusals are plain values.
 //! 6. Transports and the HTTP edge: [`routes`] (tasks, events = SSE, ws = WebSocket, ops, the
 //!    `Access` extractor, schemas), [`state`], [`error`] (statuses), [`middleware`], [`tls`],
-//!    [`openapi`].
+//!    [`openapi`], [`http_guard`] (an unread body closes its connection; the board's security
+//!    headers), [`origin`] (the `/ws` handshake's `Origin` check), [`log_redact`] (credentials
+//!    out of the access log), [`listener`] (the listening socket and its backlog).
 //! 7. [`app`]: the route table and `run`.
 
 pub mod app;
@@ -28,13 +30,17 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod http_guard;
 pub mod hub;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
+pub mod listener;
+pub mod log_redact;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;
+pub mod origin;
 pub mod ring;
 pub mod routes;
 pub mod service;

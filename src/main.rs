@@ -3,7 +3,6 @@
 use clap::Parser;
 use log::{error, info, warn};
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::ExitCode;
 use taskstream::config::{Cli, Command, TokenArgs};
 use taskstream::{app, auth, shutdown, tls};
@@ -26,7 +25,7 @@ async fn main() -> ExitCode {
         }
     };
     raise_file_limit(config.max_subscribers.into());
-    let listener = match TcpListener::bind(&config.bind) {
+    let listener = match taskstream::listener::bind(&config.bind) {
         Ok(listener) => listener,
         Err(e) => {
             error!("cannot listen on {}: {e}", config.bind);

@@ -23,7 +23,18 @@ const LAYERS: &[&[&str]] = &[
     &["backend"],
     &["auth", "limits", "idempotency"],
     &["service"],
-    &["state", "error", "middleware", "routes", "tls", "openapi"],
+    &[
+        "state",
+        "error",
+        "middleware",
+        "routes",
+        "tls",
+        "openapi",
+        "http_guard",
+        "origin",
+        "log_redact",
+        "listener",
+    ],
     &["app", ""],
 ];
 

@@ -96,7 +96,11 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| describe(e.kind()))?;
         let claims = data.claims;
-        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
+        // A validly signed `exp` past what `SystemTime` holds (about 2^63 s) would panic here.
+        let expires_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .and_then(|exp| exp.checked_add(self.leeway))
+            .ok_or_else(|| "the token's exp is out of range".to_owned())?;
         // jsonwebtoken compares whole seconds and still accepts a token during its `exp` second;
         // open streams end at `exp` itself, so a reconnect in that second must be refused too,
         // or the client would loop through streams that end as soon as they open.

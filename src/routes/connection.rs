@@ -22,6 +22,8 @@ impl ConnectionLog {
         detail: std::fmt::Arguments,
     ) -> ConnectionLog {
         gauge.inc();
+        // The detail holds the token's `sub`, which the token's issuer may have copied from input.
+        let detail = crate::log_redact::escape_controls(&detail.to_string()).into_owned();
         info!("{kind} connected: peer={peer} {detail}");
         ConnectionLog {
             kind,

@@ -35,7 +35,9 @@ const APP_CSS: &[u8] = include_bytes!("../../web/dist/app.css");
 #[utoipa::path(get, path = "/", tag = "ops",
     responses((status = 200, description = "the live task board", content_type = "text/html", body = String)))]
 pub async fn index() -> HttpResponse {
-    page(INDEX_HTML, "text/html; charset=utf-8")
+    let mut response = page(INDEX_HTML, "text/html; charset=utf-8");
+    crate::http_guard::add_page_headers(response.headers_mut());
+    response
 }
 
 pub async fn app_js() -> HttpResponse {
@@ -49,6 +51,7 @@ pub async fn app_css() -> HttpResponse {
 fn page(body: &'static [u8], content_type: &'static str) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(content_type)
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .body(body)
 }

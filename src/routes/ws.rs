@@ -26,13 +26,16 @@ use tokio::time::{interval_at, MissedTickBehavior};
     responses(
         (status = 101, description = "switching to the WebSocket protocol"),
         (status = 400, description = "not a WebSocket upgrade request", body = crate::routes::schemas::ErrorBody),
+        (status = 403, description = "a browser page of another site: Origin is neither this server nor --cors-origin", body = crate::routes::schemas::ErrorBody),
     )
 )]
 pub async fn ws(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
+    origins: web::Data<crate::origin::AllowedOrigins>,
 ) -> Result<HttpResponse, ApiError> {
+    crate::origin::check_ws_origin(&req, &origins)?;
     let (response, session, messages) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::BadRequest(format!("GET /ws needs a WebSocket upgrade: {e}")))?;
     // Frames (and fragmented messages) above twice `--max-body-bytes` are refused by the codec,
@@ -74,6 +77,21 @@ pub async fn ws(
     };
     actix_web::rt::spawn(connection.run(access, messages));
     Ok(response)
+}
+
+/// RFC 6455 7.4.1: 1009 for a message too big to process, 1007 for text that is not UTF-8; 1002
+/// for the rest. actix-ws reports the first two as I/O errors, told apart by kind and text.
+fn protocol_close_code(error: &actix_ws::ProtocolError) -> CloseCode {
+    match error {
+        actix_ws::ProtocolError::Overflow => CloseCode::Size,
+        actix_ws::ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            CloseCode::Invalid
+        }
+        actix_ws::ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            CloseCode::Size
+        }
+        _ => CloseCode::Protocol,
+    }
 }
 
 struct Connection {
@@ -201,7 +219,7 @@ impl Connection {
             Some(Err(actix_ws::ProtocolError::Overflow)) => {
                 Err(close(CloseCode::Size, "message too large"))
             }
-            Some(Err(e)) => Err(close(CloseCode::Protocol, &e.to_string())),
+            Some(Err(e)) => Err(close(protocol_close_code(&e), &e.to_string())),
             Some(Ok(AggregatedMessage::Text(text))) => self.on_text(access, &text).await,
             Some(Ok(AggregatedMessage::Binary(_))) => {
                 self.send_error(

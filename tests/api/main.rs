@@ -5,6 +5,7 @@ mod capacity;
 mod errors;
 mod events;
 mod failures;
+mod hardening;
 mod helpers;
 mod limits;
 mod redis;
