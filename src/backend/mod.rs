@@ -3,6 +3,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod sqlite;
 
 use crate::event::EventId;
 use crate::hub::{Hub, Resume, SubscribeError, Subscription, TaskFilter};
@@ -46,6 +47,8 @@ pub enum Backend {
     Memory(memory::MemoryBackend),
     /// `--redis-url`: many nodes share one Redis.
     Redis(redis::RedisBackend),
+    /// `--data-dir`: one durable node on SQLite.
+    Sqlite(sqlite::SqliteBackend),
 }
 
 impl Backend {
@@ -53,6 +56,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.hub(),
             Backend::Redis(redis) => redis.hub(),
+            Backend::Sqlite(sqlite) => sqlite.hub(),
         }
     }
 
@@ -61,6 +65,7 @@ impl Backend {
         match self {
             Backend::Memory(_) => Ok(()),
             Backend::Redis(redis) => redis.health().await,
+            Backend::Sqlite(sqlite) => sqlite.health().await,
         }
     }
 
@@ -69,6 +74,8 @@ impl Backend {
         match self {
             Backend::Memory(_) => {}
             Backend::Redis(redis) => redis.started().await,
+            // The ring is anchored at the newest stored event as the database opens.
+            Backend::Sqlite(_) => {}
         }
     }
 
@@ -77,6 +84,7 @@ impl Backend {
         match self {
             Backend::Memory(_) => {}
             Backend::Redis(redis) => redis.stopped().await,
+            Backend::Sqlite(sqlite) => sqlite.stopped().await,
         }
     }
 
@@ -91,6 +99,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.update(task_id, patch, idempotency_key)),
             Backend::Redis(redis) => redis.update(task_id, patch, idempotency_key).await,
+            Backend::Sqlite(sqlite) => sqlite.update(task_id, patch, idempotency_key).await,
         }
     }
 
@@ -98,6 +107,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.delete(task_id),
             Backend::Redis(redis) => redis.delete(task_id).await,
+            Backend::Sqlite(sqlite) => sqlite.delete(task_id).await,
         }
     }
 
@@ -112,6 +122,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.hub().subscribe(resume, filter),
             Backend::Redis(redis) => redis.subscribe(resume, filter).await,
+            Backend::Sqlite(sqlite) => sqlite.subscribe(resume, filter),
         }
     }
 
@@ -119,6 +130,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),
             Backend::Redis(redis) => redis.get(task_id).await,
+            Backend::Sqlite(sqlite) => Ok(sqlite.get(task_id)),
         }
     }
 
@@ -126,6 +138,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.snapshot()),
             Backend::Redis(redis) => redis.snapshot().await,
+            Backend::Sqlite(sqlite) => Ok(sqlite.snapshot()),
         }
     }
 }
