@@ -1,6 +1,7 @@
 //! End-to-end tests: each starts a real `taskstream` on a random loopback port and speaks HTTP.
 
 mod auth;
+mod durable;
 mod errors;
 mod events;
 mod guards;
