@@ -334,6 +334,7 @@ fn trim_events(conn: &Connection, shared: &Shared) -> rusqlite::Result<()> {
     let head = shared.lock().head;
     let target = head.saturating_sub(shared.retention);
     let mut floor = shared.floor.load(Ordering::Acquire);
+    let trims = floor < target;
     while floor < target {
         let through = (floor + TRIM_CHUNK).min(target);
         {
@@ -346,7 +347,7 @@ fn trim_events(conn: &Connection, shared: &Shared) -> rusqlite::Result<()> {
         floor = through;
         shared.floor.store(floor, Ordering::Release);
     }
-    if floor == target && target > 0 {
+    if trims {
         debug!("sqlite: trimmed the log through {}", shared.id(floor));
     }
     Ok(())
