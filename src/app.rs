@@ -125,6 +125,14 @@ pub async fn run(
     let lifecycle = Lifecycle::new();
     let state = web::Data::new(AppState::new(&config, &lifecycle)?);
     state.service.backend().started().await;
+    {
+        let state = state.clone();
+        let stopping = lifecycle.stopping();
+        lifecycle.spawn("store", async move {
+            stopping.cancelled().await;
+            state.service.backend().stopped().await;
+        });
+    }
     let app_state = state.clone();
     let cors_origins = config.cors_origin.clone();
     let hsts = tls.is_some();
@@ -206,7 +214,9 @@ pub async fn run(
         handle.stop(true).await;
     });
     server.await?;
-    lifecycle.stop(Duration::from_secs(2)).await;
+    lifecycle
+        .stop(Duration::from_secs(config.shutdown_timeout.max(2)))
+        .await;
     info!("stopped");
     Ok(())
 }

@@ -111,9 +111,32 @@ pub struct Config {
 
     /// Share tasks and events with other taskstream nodes through this Redis (7 or later), e.g.
     /// redis://127.0.0.1:6379/0 (rediss:// for TLS is not built in). Default: all in memory.
-    #[arg(long, env = "TASKSTREAM_REDIS_URL")]
+    #[arg(long, env = "TASKSTREAM_REDIS_URL", conflicts_with = "data_dir")]
     pub redis_url: Option<String>,
 
+    // --- the durable single node (--data-dir) ---
+    /// Keep tasks, the event log and idempotency keys in DIR/taskstream.db (SQLite, created if
+    /// missing), so a restart loses nothing; one process per DIR (see docs/operations.md).
+    #[arg(long, env = "TASKSTREAM_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// With --data-dir: events the log on disk keeps at most (at least --buffer); older ones are
+    /// trimmed in the background.
+    #[arg(long, env = "TASKSTREAM_RETENTION", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention: u64,
+
+    /// With --data-dir: deletions remembered (task id and event id) for a catch-up that must
+    /// know which tasks went away.
+    #[arg(long, env = "TASKSTREAM_TOMBSTONES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tombstones: u64,
+
+    /// With --data-dir: `full` fsyncs every commit before answering 202, so a power cut loses
+    /// nothing acknowledged; `normal` survives a process crash only (docs/decisions.md).
+    #[arg(long, env = "TASKSTREAM_SYNCHRONOUS", value_enum, default_value_t = Synchronous::Full)]
+    pub synchronous: Synchronous,
+    // --- end of --data-dir ---
     /// Seconds to wait on shutdown for connections to finish before closing them.
     #[arg(long, env = "TASKSTREAM_SHUTDOWN_TIMEOUT", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(0..=60))]
@@ -193,6 +216,24 @@ pub struct Config {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+}
+
+/// SQLite's `synchronous` setting for `--data-dir` (WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    /// fsync the WAL on every commit: an acknowledged change survives a power cut.
+    Full,
+    /// fsync only at checkpoints: survives a crash of the process, not of the machine.
+    Normal,
+}
+
+impl Synchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
 }
 
 impl Config {
@@ -444,6 +485,22 @@ mod tests {
             "http://b:1",
         ]);
         assert_eq!(config.cors_origin, ["https://a.example", "http://b:1"]);
+    }
+
+    #[test]
+    fn data_dir_and_redis_exclude_each_other() {
+        let refused = Config::try_parse_from([
+            "taskstream",
+            "--data-dir",
+            "/tmp/x",
+            "--redis-url",
+            "redis://127.0.0.1",
+        ]);
+        assert!(refused.is_err());
+        let config = Config::parse_from(["taskstream", "--data-dir", "/tmp/x"]);
+        assert_eq!(config.retention, 1_000_000);
+        assert_eq!(config.tombstones, 100_000);
+        assert_eq!(config.synchronous, Synchronous::Full);
     }
 
     #[test]

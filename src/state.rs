@@ -1,7 +1,7 @@
 //! `AppState`: what every handler shares, built once from the flags.
 
 use crate::auth::Authenticator;
-use crate::backend::{memory::MemoryBackend, redis::RedisBackend, Backend};
+use crate::backend::{memory::MemoryBackend, redis::RedisBackend, sqlite::SqliteBackend, Backend};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -21,32 +21,44 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Fails only on an unusable `--redis-url`. Must run inside the Tokio runtime: background
-    /// tasks (the Redis stream reader) start here, under `lifecycle`.
+    /// Fails on an unusable `--redis-url`, and on a `--data-dir` that is locked by another process
+    /// or holds a database that is not taskstream's. Must run inside the Tokio runtime:
+    /// background tasks (the Redis stream reader) start here, under `lifecycle`.
     pub fn new(config: &Config, lifecycle: &Lifecycle) -> std::io::Result<AppState> {
         let metrics = Arc::new(Metrics::new());
-        let backend = match &config.redis_url {
-            None => {
-                metrics.backend_up.set(1);
-                Backend::Memory(MemoryBackend::new(
-                    Arc::new(Hub::new(
-                        config.buffer as usize,
-                        config.max_subscribers as usize,
-                        metrics.clone(),
-                    )),
-                    config.idempotency_window(),
-                    config.idempotency_keys,
-                ))
-            }
-            Some(url) => Backend::Redis(
-                RedisBackend::start(url, config, metrics.clone(), lifecycle).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("--redis-url: {e}"),
-                    )
-                })?,
-            ),
-        };
+        let backend =
+            match &config.redis_url {
+                // clap refuses --data-dir with --redis-url.
+                None if config.data_dir.is_some() => {
+                    let dir = config
+                        .data_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("."));
+                    Backend::Sqlite(SqliteBackend::open(dir, config, metrics.clone()).map_err(
+                        |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+                    )?)
+                }
+                None => {
+                    metrics.backend_up.set(1);
+                    Backend::Memory(MemoryBackend::new(
+                        Arc::new(Hub::new(
+                            config.buffer as usize,
+                            config.max_subscribers as usize,
+                            metrics.clone(),
+                        )),
+                        config.idempotency_window(),
+                        config.idempotency_keys,
+                    ))
+                }
+                Some(url) => Backend::Redis(
+                    RedisBackend::start(url, config, metrics.clone(), lifecycle).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("--redis-url: {e}"),
+                        )
+                    })?,
+                ),
+            };
         let auth = match (&config.jwt_secret, &config.jwt_public_key) {
             (Some(secret), _) => Some(Authenticator::hs256(secret, config.jwt_leeway())),
             (None, Some(key)) => Some(Authenticator::public_key(key, config.jwt_leeway())),

@@ -3,6 +3,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod sqlite;
 
 use crate::event::EventId;
 use crate::filter::TaskFilter;
@@ -37,6 +38,8 @@ pub enum Backend {
     Memory(memory::MemoryBackend),
     /// `--redis-url`: many nodes share one Redis.
     Redis(redis::RedisBackend),
+    /// `--data-dir`: one durable node on SQLite.
+    Sqlite(sqlite::SqliteBackend),
 }
 
 impl Backend {
@@ -44,6 +47,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.hub(),
             Backend::Redis(redis) => redis.hub(),
+            Backend::Sqlite(sqlite) => sqlite.hub(),
         }
     }
 
@@ -52,6 +56,7 @@ impl Backend {
         match self {
             Backend::Memory(_) => Ok(()),
             Backend::Redis(redis) => redis.health().await,
+            Backend::Sqlite(sqlite) => sqlite.health().await,
         }
     }
 
@@ -60,6 +65,17 @@ impl Backend {
         match self {
             Backend::Memory(_) => {}
             Backend::Redis(redis) => redis.started().await,
+            // The ring is anchored at the newest stored event as the database opens.
+            Backend::Sqlite(_) => {}
+        }
+    }
+
+    /// At shutdown, after the server has stopped taking requests: a store with threads of its
+    /// own (the durable store's writer) finishes what is queued and joins them.
+    pub async fn stopped(&self) {
+        match self {
+            Backend::Memory(_) | Backend::Redis(_) => {}
+            Backend::Sqlite(sqlite) => sqlite.stopped().await,
         }
     }
 
@@ -74,6 +90,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.update(task_id, patch, idempotency_key)),
             Backend::Redis(redis) => redis.update(task_id, patch, idempotency_key).await,
+            Backend::Sqlite(sqlite) => sqlite.update(task_id, patch, idempotency_key).await,
         }
     }
 
@@ -81,6 +98,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.delete(task_id),
             Backend::Redis(redis) => redis.delete(task_id).await,
+            Backend::Sqlite(sqlite) => sqlite.delete(task_id).await,
         }
     }
 
@@ -95,6 +113,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => memory.hub().subscribe(resume, filter),
             Backend::Redis(redis) => redis.subscribe(resume, filter).await,
+            Backend::Sqlite(sqlite) => sqlite.subscribe(resume, filter),
         }
     }
 
@@ -102,6 +121,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),
             Backend::Redis(redis) => redis.get(task_id).await,
+            Backend::Sqlite(sqlite) => Ok(sqlite.get(task_id)),
         }
     }
 
@@ -109,6 +129,7 @@ impl Backend {
         match self {
             Backend::Memory(memory) => Ok(memory.snapshot()),
             Backend::Redis(redis) => redis.snapshot().await,
+            Backend::Sqlite(sqlite) => Ok(sqlite.snapshot()),
         }
     }
 }

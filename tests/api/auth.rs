@@ -3,7 +3,7 @@
 //! ending a stream, public keys, the token subcommand, and no token in the logs.
 
 use crate::helpers::{
-    admin_token, task_ids, temp_dir, token, Frame, SseStream, TestServer, SECRET,
+    admin_token, not_on_sqlite, task_ids, temp_dir, token, Frame, SseStream, TestServer, SECRET,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -372,6 +372,9 @@ async fn a_restricted_subscriber_only_ever_sees_its_tasks_live_replayed_in_the_s
         );
     }
 
+    if not_on_sqlite("the log on disk still holds the id: durable::retention_trims_the_log_in_the_background covers the reset") {
+        return;
+    }
     // A resume from an id that has left the buffer: `reset`, then only its tasks. Enough events
     // that Redis's approximate trimming (whole nodes of up to 100 entries) drops it too.
     for task_id in mixed.iter().cycle().take(150) {

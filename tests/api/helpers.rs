@@ -3,6 +3,8 @@
 //!
 //! `TASKSTREAM_TEST_BACKEND=redis` runs the same tests on the Redis backend: each `TestServer`
 //! then gets a private `redis-server` (Debian's, from PATH) on a random port.
+//! `TASKSTREAM_TEST_BACKEND=sqlite` runs them on `--data-dir`: each `TestServer` then gets its own
+//! temporary directory, removed when it is dropped.
 
 use futures_util::StreamExt;
 use reqwest::header::HeaderMap;
@@ -21,6 +23,20 @@ pub const PATIENCE: Duration = Duration::from_secs(15);
 /// Whether this run of the suite is on the Redis backend (`TASKSTREAM_TEST_BACKEND=redis`).
 pub fn on_redis() -> bool {
     std::env::var("TASKSTREAM_TEST_BACKEND").is_ok_and(|backend| backend == "redis")
+}
+
+/// Whether this run of the suite is on `--data-dir` (`TASKSTREAM_TEST_BACKEND=sqlite`).
+pub fn on_sqlite() -> bool {
+    std::env::var("TASKSTREAM_TEST_BACKEND").is_ok_and(|backend| backend == "sqlite")
+}
+
+/// For a test whose sentence does not hold on `--data-dir` (the log on disk reaches further back
+/// than the ring): there it says why it skips and answers true.
+pub fn not_on_sqlite(reason: &str) -> bool {
+    if on_sqlite() {
+        loud(&format!("skipped on the sqlite backend: {reason}\n"));
+    }
+    on_sqlite()
 }
 
 /// For a test whose sentence only holds in memory: on Redis it says why it skips and answers true.
@@ -44,6 +60,17 @@ pub struct TestServer {
     logs: Arc<Mutex<String>>,
     /// On the Redis backend, this server's own Redis (dropped after the server).
     _redis: Option<RedisServer>,
+    /// On the sqlite backend, this server's own `--data-dir` (removed after the server).
+    _data_dir: Option<TempDir>,
+}
+
+/// A directory removed (with everything in it) when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl TestServer {
@@ -61,9 +88,69 @@ impl TestServer {
             let mut server = Self::spawn(args, env, Some(&redis.url())).await;
             server._redis = Some(redis);
             server
+        } else if on_sqlite() {
+            let dir = TempDir(temp_dir());
+            let data_dir = dir.0.to_str().expect("a UTF-8 temporary path").to_owned();
+            let args: Vec<&str> = ["--data-dir", data_dir.as_str()]
+                .into_iter()
+                .chain(args.iter().copied())
+                .collect();
+            let mut server = Self::spawn(&args, env, None).await;
+            server._data_dir = Some(dir);
+            server
         } else {
             Self::spawn(args, env, None).await
         }
+    }
+
+    /// A durable node on `dir` (kept after the server is dropped, for restarts on it).
+    pub async fn start_in(dir: &std::path::Path, args: &[&str]) -> TestServer {
+        Self::start_in_with_env(dir, args, &[]).await
+    }
+
+    pub async fn start_in_with_env(
+        dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let data_dir = dir.to_str().expect("a UTF-8 path").to_owned();
+        let args: Vec<&str> = ["--data-dir", data_dir.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        Self::spawn(&args, env, None).await
+    }
+
+    /// Runs the binary with `args`, expecting it to exit by itself (a refusal); answers its exit
+    /// status and stderr. Killed and failed if it is still running after `PATIENCE`.
+    pub async fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_taskstream"))
+            .args(["--bind", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the taskstream binary");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("taskstream {args:?} did not exit by itself");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (status, reader.join().unwrap())
     }
 
     /// A node on a shared Redis, for the multi-node tests.
@@ -126,6 +213,7 @@ impl TestServer {
             client,
             logs,
             _redis: None,
+            _data_dir: None,
         }
     }
 
@@ -734,11 +822,16 @@ pub fn admin_token() -> String {
 
 /// A fresh directory for files a test writes (keys, certificates).
 pub fn temp_dir() -> std::path::PathBuf {
+    static MADE: AtomicUsize = AtomicUsize::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let dir = std::env::temp_dir().join(format!("taskstream-test-{}-{nanos}", std::process::id()));
+    let made = MADE.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "taskstream-test-{}-{nanos}-{made}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

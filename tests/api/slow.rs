@@ -26,6 +26,11 @@ fn events_in(raw: &str) -> Vec<(String, String, serde_json::Value)> {
 
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_never_slows_others_and_memory_stays_bounded() {
+    if crate::helpers::not_on_sqlite(
+        "it needs the ring to run out; the log on disk catches the stalled subscriber up instead",
+    ) {
+        return;
+    }
     let server = TestServer::start(&["--buffer", "64"]).await;
     let address = server.base.trim_start_matches("http://").to_owned();
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();

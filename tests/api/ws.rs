@@ -75,11 +75,17 @@ async fn an_unusable_last_event_id_gets_a_reset_naming_the_newest_id() {
             .update(json!({"task_id": 2, "title": format!("{n}")}))
             .await;
     }
-    for (last_event_id, reason) in [
+    let mut cases = vec![
         (json!(first), "left the replay buffer"),
         (json!("garbage"), "malformed"),
         (json!(12), "malformed"),
-    ] {
+    ];
+    if crate::helpers::not_on_sqlite(
+        "(the trimmed-id case only) the log on disk still holds it: durable::retention_trims_the_log_in_the_background",
+    ) {
+        cases.remove(0);
+    }
+    for (last_event_id, reason) in cases {
         let newest = server.snapshot().await["last_event_id"].clone();
         let mut ws = WsClient::connect(&server).await;
         ws.send(json!({"type": "subscribe", "last_event_id": last_event_id}))

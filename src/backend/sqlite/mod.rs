@@ -1,0 +1,484 @@
+//! The durable single node (`--data-dir DIR`): tasks, the event log and idempotency keys in
+//! `DIR/taskstream.db`, an SQLite database in WAL mode.
+//!
+//! | table | holds |
+//! | --- | --- |
+//! | `meta` | `epoch` (the first group of every event id), `floor` (the log is complete after this seq), `tombstone_floor` |
+//! | `tasks` | task id -> the task's JSON, and the id of its latest event |
+//! | `events` | seq -> kind, task id, the SSE `data` JSON: the log, the newest `--retention` events |
+//! | `tombstones` | task id -> the event that deleted it, for the last `--tombstones` deletions |
+//! | `idempotency` | key -> the first answer (event seq, task JSON) and when it expires |
+//!
+//! One writer thread owns the only connection that publishes (group commit, `writer.rs`); a
+//! housekeeper thread trims in the background; replays older than the hub's ring read the log
+//! through read-only connections, as the hub's `History`. The hub and its ring are the memory
+//! backend's; tasks are mirrored in memory so `GET /tasks` never reads the disk.
+//!
+//! Ids are `<epoch>-<seq>`: `epoch` is fixed when the database is created and `seq` counts every
+//! event ever written, so ids keep growing across restarts and an id from another database (or a
+//! memory-only run) is recognised as foreign.
+
+mod schema;
+mod writer;
+
+pub use schema::{OpenError, APPLICATION_ID, DB_FILE, LOCK_FILE, SCHEMA_VERSION};
+
+use super::{Accepted, BackendError, Snapshot};
+use crate::config::Config;
+use crate::event::{Event, EventId, EventKind};
+use crate::filter::TaskFilter;
+use crate::hub::{Backfill, History, Hub, Resume, SubscribeError, Subscription};
+use crate::metrics::Metrics;
+use crate::ring::ResetReason;
+use crate::task::{Task, TaskId, TaskPatch};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use log::{error, info, warn};
+use rusqlite::Connection;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use writer::Request;
+
+/// Publishes waiting for the writer at most; beyond it a publisher waits for room (backpressure
+/// instead of unbounded memory).
+const QUEUE: usize = 16 * 1024;
+/// Idle read connections kept for replays.
+const READERS: usize = 4;
+
+pub struct SqliteBackend {
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+    requests: mpsc::Sender<Request>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    dir: PathBuf,
+    _lock: schema::DirLock,
+}
+
+/// What the writer, the housekeeper, replays and handlers share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    epoch: u64,
+    path: PathBuf,
+    /// The log holds every event after this seq (the housekeeper moves it).
+    floor: AtomicU64,
+    retention: u64,
+    tombstones: u64,
+    idempotency_window: u64,
+    idempotency_keys: u64,
+    /// Serialises the writer's and the housekeeper's transactions in-process: a waiting writer is
+    /// woken at once instead of polling SQLite's busy handler.
+    write_lock: Mutex<()>,
+    readers: Mutex<Vec<Connection>>,
+    housekeeper: Housekeeper,
+    /// The last commit's failure, for `/healthz`; cleared by the next successful commit.
+    last_error: Mutex<Option<String>>,
+}
+
+/// The committed state, as the hub has it: tasks and the newest seq change together.
+struct State {
+    tasks: BTreeMap<TaskId, Task>,
+    head: u64,
+}
+
+pub(crate) enum TaskChange {
+    Set(Task),
+    Remove(TaskId),
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Mutations under this lock are inserts and removals that cannot leave it half done.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn id(&self, seq: u64) -> EventId {
+        EventId {
+            epoch: self.epoch,
+            seq,
+        }
+    }
+
+    /// The newest id the hub has: what a `reset` names (a snapshot taken after it is as new).
+    fn head_id(&self) -> EventId {
+        match self.lock().head {
+            0 => EventId::START,
+            seq => self.id(seq),
+        }
+    }
+
+    fn reader(&self) -> rusqlite::Result<Connection> {
+        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => schema::open_reader(&self.path),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if readers.len() < READERS {
+            readers.push(conn);
+        }
+    }
+
+    /// Every event after `after` that the log holds, read in one read transaction (a consistent
+    /// view while the writer and the housekeeper go on).
+    fn read_after(&self, after: EventId) -> Result<Backfill, rusqlite::Error> {
+        let newest = self.head_id();
+        let after_seq = match after {
+            EventId::START => 0,
+            EventId { epoch, seq } if epoch == self.epoch => seq,
+            _ => {
+                return Ok(Backfill::Reset {
+                    newest,
+                    reason: ResetReason::Unknown,
+                })
+            }
+        };
+        let conn = self.reader()?;
+        let read = (|| {
+            let tx = conn.unchecked_transaction()?;
+            let floor: u64 =
+                tx.query_row("SELECT value FROM meta WHERE key = 'floor'", [], |r| {
+                    r.get(0)
+                })?;
+            let head: Option<u64> =
+                tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+            let head = head.unwrap_or(0).max(floor);
+            if after_seq > head {
+                return Ok(Backfill::Reset {
+                    newest,
+                    reason: ResetReason::Unknown,
+                });
+            }
+            if after_seq < floor {
+                return Ok(Backfill::Reset {
+                    newest,
+                    reason: ResetReason::TooOld,
+                });
+            }
+            let mut statement = tx.prepare_cached(
+                "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq",
+            )?;
+            let mut rows = statement.query([after_seq])?;
+            let mut events = Vec::new();
+            let mut through = after;
+            while let Some(row) = rows.next()? {
+                let seq: u64 = row.get(0)?;
+                through = self.id(seq);
+                match stored_event(
+                    self.id(seq),
+                    row.get(1)?,
+                    row.get_ref(2)?.as_str()?,
+                    row.get(3)?,
+                ) {
+                    Some(event) => events.push(Arc::new(event)),
+                    // Its position still counts: the events after it are no hole.
+                    None => error!(
+                        "sqlite: event {} is damaged and cannot be delivered",
+                        self.id(seq)
+                    ),
+                }
+            }
+            Ok(Backfill::Events { events, through })
+        })();
+        self.give_back(conn);
+        read
+    }
+}
+
+fn stored_event(id: EventId, kind: i64, task_id: &str, data: Vec<u8>) -> Option<Event> {
+    let kind = match kind {
+        0 => EventKind::TaskUpdated,
+        1 => EventKind::TaskDeleted,
+        _ => return None,
+    };
+    let task_id = TaskId::parse(task_id).ok()?;
+    Event::from_stored(id, task_id, kind, data).ok()
+}
+
+/// Wakes the housekeeper early, and stops it.
+struct Housekeeper {
+    /// (woken, stopping)
+    flags: Mutex<(bool, bool)>,
+    signal: Condvar,
+}
+
+impl Housekeeper {
+    fn new() -> Housekeeper {
+        Housekeeper {
+            flags: Mutex::new((false, false)),
+            signal: Condvar::new(),
+        }
+    }
+
+    fn wake(&self) {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner()).0 = true;
+        self.signal.notify_one();
+    }
+
+    fn stop(&self) {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.signal.notify_one();
+    }
+
+    /// Waits up to `every` or until woken; false once stopping.
+    fn wait(&self, every: Duration) -> bool {
+        let flags = self.flags.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut flags, _) = self
+            .signal
+            .wait_timeout_while(flags, every, |(woken, stopping)| !*woken && !*stopping)
+            .unwrap_or_else(|p| p.into_inner());
+        flags.0 = false;
+        !flags.1
+    }
+}
+
+/// The log on disk as the hub's history.
+struct SqliteHistory(Arc<Shared>);
+
+impl History for SqliteHistory {
+    fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
+        let shared = self.0.clone();
+        async move {
+            let read = tokio::task::spawn_blocking({
+                let shared = shared.clone();
+                move || shared.read_after(after)
+            })
+            .await;
+            match read {
+                Ok(Ok(backfill)) => backfill,
+                // The client reloads the snapshot rather than wait on a disk that fails.
+                Ok(Err(e)) => {
+                    error!("sqlite: replay after {after} failed: {e}");
+                    Backfill::Reset {
+                        newest: shared.head_id(),
+                        reason: ResetReason::Unknown,
+                    }
+                }
+                Err(e) => {
+                    error!("sqlite: replay after {after} panicked: {e}");
+                    Backfill::Reset {
+                        newest: shared.head_id(),
+                        reason: ResetReason::Unknown,
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn newest(&self) -> BoxFuture<'static, EventId> {
+        futures_util::future::ready(self.0.head_id()).boxed()
+    }
+}
+
+impl SqliteBackend {
+    /// Locks `dir`, opens (or creates) the database, loads the tasks, and starts the writer and
+    /// the housekeeper threads. Refuses a directory another process holds and a database that is
+    /// not a taskstream database of a known version, without changing it.
+    pub fn open(
+        dir: &Path,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<SqliteBackend, OpenError> {
+        if config.retention < config.buffer.into() {
+            return Err(OpenError(format!(
+                "--retention {} is below --buffer {}: the log on disk must hold at least what the ring holds",
+                config.retention, config.buffer
+            )));
+        }
+        let lock = schema::lock(dir)?;
+        let synchronous = config.synchronous.pragma();
+        let (writer_conn, meta) = schema::open(dir, synchronous)?;
+        let path = schema::db_path(dir);
+        let tasks =
+            load_tasks(&writer_conn).map_err(|e| OpenError(format!("{}: {e}", path.display())))?;
+        let housekeeper_conn = Connection::open(&path)
+            .and_then(|conn| schema::configure(&conn, synchronous).map(|()| conn))
+            .map_err(|e| OpenError(format!("{}: {e}", path.display())))?;
+        info!(
+            "backend: sqlite at {} ({} tasks, log after {}-{} through {}-{}, synchronous={synchronous}, retention {} events)",
+            path.display(),
+            tasks.len(),
+            meta.epoch,
+            meta.floor,
+            meta.epoch,
+            meta.head,
+            config.retention
+        );
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                tasks,
+                head: meta.head,
+            }),
+            epoch: meta.epoch,
+            path,
+            floor: AtomicU64::new(meta.floor),
+            retention: config.retention,
+            tombstones: config.tombstones,
+            idempotency_window: config.idempotency_window,
+            idempotency_keys: config.idempotency_keys,
+            write_lock: Mutex::new(()),
+            readers: Mutex::new(Vec::new()),
+            housekeeper: Housekeeper::new(),
+            last_error: Mutex::new(None),
+        });
+        let hub = Arc::new(Hub::with_history(
+            config.buffer as usize,
+            config.max_subscribers as usize,
+            metrics.clone(),
+            Arc::new(SqliteHistory(shared.clone())),
+        ));
+        // The ring starts empty after the newest stored event; anything older is on disk.
+        hub.restart_at(shared.head_id(), false);
+        let (requests, receiver) = mpsc::channel(QUEUE);
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(body)
+                .map_err(|e| OpenError(format!("cannot start the {name} thread: {e}")))
+        };
+        let writer = spawn("sqlite-writer", {
+            let (shared, hub) = (shared.clone(), hub.clone());
+            Box::new(move || writer::write_loop(writer_conn, shared, hub, receiver))
+        })?;
+        let housekeeper = spawn("sqlite-housekeeper", {
+            let shared = shared.clone();
+            Box::new(move || writer::housekeeping_loop(housekeeper_conn, shared))
+        })?;
+        metrics.backend_up.set(1);
+        Ok(SqliteBackend {
+            shared,
+            hub,
+            requests,
+            threads: Mutex::new(vec![writer, housekeeper]),
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub async fn health(&self) -> Result<(), String> {
+        match self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            None => Ok(()),
+            Some(e) => Err(format!(
+                "the last commit to {} failed: {e}",
+                self.shared.path.display()
+            )),
+        }
+    }
+
+    /// Ends the writer once everything queued is committed and answered, stops the housekeeper,
+    /// and joins both. For shutdown, after every handler has finished.
+    pub async fn stopped(&self) {
+        if self.requests.send(Request::Stop).await.is_err() {
+            warn!("sqlite: the writer had already stopped");
+        }
+        self.shared.housekeeper.stop();
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let joined = tokio::task::spawn_blocking(move || {
+            threads.into_iter().all(|thread| thread.join().is_ok())
+        })
+        .await;
+        if !matches!(joined, Ok(true)) {
+            error!("sqlite: a database thread panicked");
+        }
+        info!("sqlite: closed {}", self.shared.path.display());
+    }
+
+    async fn call<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, BackendError> {
+        let (answer, answered) = oneshot::channel();
+        let stopped = || {
+            BackendError::Unavailable(
+                "the server is shutting down: the change was not stored".into(),
+            )
+        };
+        self.requests
+            .send(request(answer))
+            .await
+            .map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())
+    }
+
+    /// Answers once the change (and its event) is committed to disk.
+    pub async fn update(
+        &self,
+        task_id: TaskId,
+        patch: TaskPatch,
+        idempotency_key: Option<String>,
+    ) -> Result<Arc<Accepted>, BackendError> {
+        self.call(|answer| Request::Update {
+            task_id,
+            patch,
+            idempotency_key,
+            answer,
+        })
+        .await?
+    }
+
+    pub async fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
+        self.call(|answer| Request::Delete { task_id, answer })
+            .await?
+    }
+
+    pub fn subscribe(
+        &self,
+        resume: Resume,
+        filter: TaskFilter,
+    ) -> Result<Subscription, SubscribeError> {
+        self.hub.subscribe(resume, filter)
+    }
+
+    pub fn get(&self, task_id: &TaskId) -> Option<Task> {
+        self.shared.lock().tasks.get(task_id).cloned()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.shared.lock();
+        Snapshot {
+            last_event_id: (state.head > 0).then(|| self.shared.id(state.head)),
+            tasks: state.tasks.values().cloned().collect(),
+        }
+    }
+}
+
+fn load_tasks(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskId, Task>> {
+    let mut statement = conn.prepare("SELECT task_id, task FROM tasks")?;
+    let mut rows = statement.query([])?;
+    let mut tasks = BTreeMap::new();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let json: Vec<u8> = row.get(1)?;
+        let task = TaskId::parse(&id)
+            .ok()
+            .and_then(|_| Task::from_stored(&json).ok())
+            .ok_or_else(|| schema::damaged(format!("the stored task {id:?} is damaged")))?;
+        tasks.insert(task.task_id.clone(), task);
+    }
+    Ok(tasks)
+}
