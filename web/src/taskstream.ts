@@ -648,11 +648,13 @@ export function fromEventSource<T = unknown>(url: string, options: EventSourceOp
     connect();
 
     return () => {
+      // After a failure the state stays `closed` with its error.
+      const failed = done;
       done = true;
       live.stop();
       if (retryTimer !== undefined) clearTimeout(retryTimer);
       closeSource();
-      conn.set({ state: 'closed' });
+      if (!failed) conn.set({ state: 'closed' });
     };
   });
 }
@@ -1537,10 +1539,11 @@ export function taskBoard(baseUrl: string, options: BoardOptions = {}): TaskBoar
     load();
 
     return () => {
+      const failed = done;
       done = true;
       if (retryTimer !== undefined) clearTimeout(retryTimer);
       stream?.unsubscribe();
-      conn.set({ state: 'closed' });
+      if (!failed) conn.set({ state: 'closed' });
     };
   });
 
