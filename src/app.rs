@@ -225,6 +225,11 @@ pub async fn run(
     // body has its own timeout in the handler.
     .client_request_timeout(config.request_timeout())
     .tls_handshake_timeout(config.request_timeout())
+    // No linger after a response whose request body was not read to its end. actix would keep
+    // reading such a connection for up to this long before closing it, and an upgraded WebSocket
+    // is always such a connection: after the close handshake the client waits for the server to
+    // close TCP (RFC 6455 7.1.1), so every close took the whole linger (about 0.9 s).
+    .client_disconnect_timeout(Duration::ZERO)
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout)
     // A reconnect storm of thousands of clients must not overflow the accept queue.

@@ -227,6 +227,37 @@ pub fn reset_ws_message(newest: EventId, reason: &str) -> ByteString {
     .into()
 }
 
+/// `event: heartbeat` with no id (so a client's last event id stays), for clients that watch for
+/// silence: a browser's EventSource never sees comments. `keep_alive_ms` tells it the period.
+pub fn heartbeat_frame(keep_alive: std::time::Duration) -> Bytes {
+    let message = russe::Message {
+        data: heartbeat_data(keep_alive).into(),
+        event: Some("heartbeat".into()),
+        id: None,
+        retry: None,
+    };
+    russe::Event::Message(message)
+        .into_bytestring()
+        .expect("a fixed event name never contains line breaks")
+        .into_bytes()
+}
+
+fn heartbeat_data(keep_alive: std::time::Duration) -> String {
+    format!(
+        r#"{{"event":"heartbeat","keep_alive_ms":{}}}"#,
+        keep_alive.as_millis()
+    )
+}
+
+/// The WebSocket form of the heartbeat.
+pub fn heartbeat_ws_message(keep_alive: std::time::Duration) -> ByteString {
+    format!(
+        r#"{{"type":"heartbeat","keep_alive_ms":{}}}"#,
+        keep_alive.as_millis()
+    )
+    .into()
+}
+
 pub const KEEP_ALIVE_FRAME: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
 #[cfg(test)]

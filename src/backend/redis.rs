@@ -640,7 +640,7 @@ async fn follow_once(
             head
         }
         Some(seen) if head < seen => {
-            error!("redis: the event stream now ends at {head}, before {seen} which this node already delivered: Redis lost events (restarted without persistence, or failed over to a replica that was behind); ending every stream so clients resync");
+            error!("redis: the event stream now ends at {head}, before {seen} which this node already delivered: Redis lost events (restarted without persistence, or failed over to a replica that was behind); streams past it get a reset");
             hub.restart_at(head, true);
             head
         }
@@ -680,7 +680,7 @@ async fn follow_once(
         };
         for entry in page {
             if entry.prev != cursor {
-                error!("redis: the events between {cursor} and {} are no longer in the stream (trimmed before this node read them, or lost by Redis); ending every stream so clients resync", entry.prev);
+                error!("redis: the events between {cursor} and {} are no longer in the stream (trimmed before this node read them, or lost by Redis); open streams read them from the stream or get a reset", entry.prev);
                 hub.restart_at(entry.prev, true);
             }
             if let Some(event) = entry.event {

@@ -3,7 +3,7 @@
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::event::{reset_frame, retry_frame, KEEP_ALIVE_FRAME};
+use crate::event::{heartbeat_frame, reset_frame, retry_frame, KEEP_ALIVE_FRAME};
 use crate::hub::{Delivery, Resume, Subscription};
 use crate::limits::IpSlot;
 use crate::routes::connection::{peer, ConnectionLog};
@@ -27,6 +27,7 @@ use tokio::time::{interval_at, Interval, MissedTickBehavior};
         ("task_id" = Option<Vec<String>>, Query, description = "only these tasks' events (repeated or comma-separated)"),
         ("last_event_id" = Option<String>, Query, description = "resume after this id; the Last-Event-ID header wins"),
         ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "resume after this id (browsers send it on reconnect)"),
+        ("heartbeat" = Option<String>, Query, description = "1: a named `heartbeat` event at once and on every idle keep-alive tick, instead of comments (a browser EventSource cannot see comments)"),
     ),
     responses(
         (status = 200, description = "the stream", content_type = "text/event-stream", body = String),
@@ -60,7 +61,13 @@ pub async fn events(
             filter.ids.as_ref().map_or(0, |f| f.len())
         ),
     );
-    let mut body = EventStream::new(subscription, state.retry, state.keep_alive, log);
+    let mut body = EventStream::new(
+        subscription,
+        state.retry,
+        state.keep_alive,
+        query.heartbeat,
+        log,
+    );
     body.ip_slot = ip_slot;
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -73,15 +80,19 @@ pub async fn events(
 struct EventsQuery {
     resume: Resume,
     filter: HashSet<TaskId>,
+    /// `?heartbeat=1`: keep-alives as named events the client can watch for silence.
+    heartbeat: bool,
 }
 
 impl EventsQuery {
     fn parse(req: &HttpRequest) -> Result<EventsQuery, ApiError> {
         let mut query_id = None;
         let mut filter = HashSet::new();
+        let mut heartbeat = false;
         for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
             match key.as_ref() {
                 "last_event_id" => query_id = Some(value.into_owned()),
+                "heartbeat" => heartbeat = matches!(value.as_ref(), "1" | "true"),
                 "task_id" => {
                     for raw in value.split(',').filter(|s| !s.is_empty()) {
                         let id = TaskId::parse(raw).map_err(|e| {
@@ -100,7 +111,11 @@ impl EventsQuery {
             .get("last-event-id")
             .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
         let resume = Resume::from_client(header_id.or(query_id).as_deref());
-        Ok(EventsQuery { resume, filter })
+        Ok(EventsQuery {
+            resume,
+            filter,
+            heartbeat,
+        })
     }
 }
 
@@ -108,6 +123,10 @@ impl EventsQuery {
 /// keep-alive comments and a rare `reset` are this connection's own.
 pub struct EventStream {
     retry: Option<Bytes>,
+    /// The first heartbeat, sent right after `retry:` so the client learns the period at once.
+    first_heartbeat: Option<Bytes>,
+    /// What an idle keep-alive tick sends: a comment, or the heartbeat event when asked for.
+    keep_alive_frame: Bytes,
     subscription: Subscription,
     keep_alive: Interval,
     log: ConnectionLog,
@@ -120,12 +139,20 @@ impl EventStream {
         subscription: Subscription,
         retry: Duration,
         keep_alive: Duration,
+        heartbeat: bool,
         log: ConnectionLog,
     ) -> EventStream {
+        let keep_alive_frame = if heartbeat {
+            heartbeat_frame(keep_alive)
+        } else {
+            KEEP_ALIVE_FRAME
+        };
         let mut keep_alive = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         EventStream {
             retry: Some(retry_frame(retry)),
+            first_heartbeat: heartbeat.then(|| keep_alive_frame.clone()),
+            keep_alive_frame,
             subscription,
             keep_alive,
             log,
@@ -151,6 +178,9 @@ impl MessageBody for EventStream {
         if let Some(retry) = this.retry.take() {
             return Poll::Ready(Some(Ok(retry)));
         }
+        if let Some(heartbeat) = this.first_heartbeat.take() {
+            return Poll::Ready(Some(Ok(heartbeat)));
+        }
         match this.subscription.poll_next_unpin(cx) {
             Poll::Ready(Some(Delivery::Event(event))) => {
                 this.log.events += 1;
@@ -159,12 +189,13 @@ impl MessageBody for EventStream {
             Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
                 Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
             }
-            // The hub closed (shutdown) or the token expired: end after the last complete frame.
-            Poll::Ready(None) => Poll::Ready(None),
+            // Shutdown or token expiry: end after the last complete frame (EventSource then
+            // reconnects with its Last-Event-ID, elsewhere or with a new token).
+            Poll::Ready(Some(Delivery::End(_)) | None) => Poll::Ready(None),
             // A comment on every tick while idle, so the gap between bytes never exceeds the
             // period; polling only when idle costs a busy stream nothing.
             Poll::Pending => match this.keep_alive.poll_tick(cx) {
-                Poll::Ready(_) => Poll::Ready(Some(Ok(KEEP_ALIVE_FRAME))),
+                Poll::Ready(_) => Poll::Ready(Some(Ok(this.keep_alive_frame.clone()))),
                 Poll::Pending => Poll::Pending,
             },
         }

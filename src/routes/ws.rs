@@ -4,11 +4,10 @@ use crate::app::AppState;
 use crate::auth::Access;
 use crate::backend::idempotency_key;
 use crate::error::ApiError;
-use crate::event::reset_ws_message;
-use crate::hub::{Delivery, Resume, SubscribeError, Subscription};
+use crate::event::{heartbeat_ws_message, reset_ws_message};
+use crate::hub::{Delivery, EndReason, Resume, SubscribeError, Subscription};
 use crate::limits::IpSlot;
 use crate::routes::connection::{peer, ConnectionLog};
-use crate::routes::tasks::MAX_BODY_BYTES;
 use crate::task::{TaskId, TaskPatch};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
@@ -19,11 +18,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::{interval_at, MissedTickBehavior};
-
-/// Frames above this are refused by the codec (the connection closes with 1009); messages above
-/// `MAX_BODY_BYTES` but below it get an `error` message and the connection stays open, like a
-/// `413` on `POST /update_task`.
-const MAX_FRAME_BYTES: usize = 2 * MAX_BODY_BYTES;
 
 #[utoipa::path(
     get, path = "/ws", tag = "events",
@@ -40,10 +34,17 @@ pub async fn ws(
 ) -> Result<HttpResponse, ApiError> {
     let (response, session, messages) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::BadRequest(format!("GET /ws needs a WebSocket upgrade: {e}")))?;
+    // Frames (and fragmented messages) above twice `--max-body-bytes` are refused by the codec,
+    // which closes with 1009; messages above the limit but below that get an `error` message and
+    // the connection stays open, like a `413` on `POST /update_task`.
+    let max_frame = 2 * state.limits.max_body_bytes;
     let messages = messages
-        .max_frame_size(MAX_FRAME_BYTES)
+        .max_frame_size(max_frame)
         .aggregate_continuations()
-        .max_continuation_size(MAX_FRAME_BYTES);
+        .max_continuation_size(max_frame);
+    let heartbeat = form_urlencoded::parse(req.query_string().as_bytes())
+        .any(|(key, value)| key == "heartbeat" && matches!(value.as_ref(), "1" | "true"))
+        .then(|| heartbeat_ws_message(state.keep_alive));
     // A refused upgrade shows in a browser only as close 1006, which looks like "retry"; so the
     // upgrade goes through and an auth failure is the close code 1008 with the reason.
     let access = Access::extract(&req).await;
@@ -67,6 +68,7 @@ pub async fn ws(
         subscription: None,
         ip_slot: None,
         unanswered_pings: 0,
+        heartbeat,
         log,
     };
     actix_web::rt::spawn(connection.run(access, messages));
@@ -82,6 +84,9 @@ struct Connection {
     /// Its place under `--max-subscribers-per-ip` while subscribed.
     ip_slot: Option<IpSlot>,
     unanswered_pings: u32,
+    /// `?heartbeat=1`: a message the page can see on every ping (browsers hide pings from JS),
+    /// so it notices a connection that went silent.
+    heartbeat: Option<ByteString>,
     log: ConnectionLog,
 }
 
@@ -108,22 +113,25 @@ impl Connection {
         let stop = match access {
             Err(error) => close(CloseCode::Policy, &error.to_string()),
             Ok(_) if self.state.hub.is_full() => close(CloseCode::Again, "too many subscribers"),
-            Ok(access) => {
-                let expiry = token_expiry(&access);
-                tokio::pin!(expiry);
-                loop {
-                    let step = tokio::select! {
-                        _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
-                        () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
-                        message = messages.next() => self.on_message(&access, message).await,
-                        delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
-                        _ = ping.tick() => self.on_ping_tick().await,
-                    };
-                    if let Err(stop) = step {
-                        break stop;
+            Ok(access) => match self.send_heartbeat().await {
+                Err(stop) => stop,
+                Ok(()) => {
+                    let expiry = token_expiry(&access);
+                    tokio::pin!(expiry);
+                    loop {
+                        let step = tokio::select! {
+                            _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                            () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
+                            message = messages.next() => self.on_message(&access, message).await,
+                            delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                            _ = ping.tick() => self.on_ping_tick().await,
+                        };
+                        if let Err(stop) = step {
+                            break stop;
+                        }
                     }
                 }
-            }
+            },
         };
         // Free the hub place before the close handshake, which a dead client never finishes.
         self.subscription = None;
@@ -136,12 +144,9 @@ impl Connection {
     /// Sends one message, bounded in time: a client that stops reading fills its queue, and is
     /// then treated like one that stopped answering pings.
     async fn send(&mut self, message: ByteString) -> Result<(), Stop> {
-        match tokio::time::timeout(2 * self.state.keep_alive, self.session.text(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(Stop(None)),
-            // 1011 as for a missed pong: 1008 stays reserved for auth failures.
-            Err(_elapsed) => Err(close(CloseCode::Error, "client is not reading")),
-        }
+        within_time(
+            tokio::time::timeout(2 * self.state.keep_alive, self.session.text(message)).await,
+        )
     }
 
     async fn send_error(&mut self, request_id: Value, error: impl ToString) -> Result<(), Stop> {
@@ -155,11 +160,15 @@ impl Connection {
             return Err(close(CloseCode::Error, "no pong to two pings"));
         }
         self.unanswered_pings += 1;
-        match tokio::time::timeout(self.state.keep_alive, self.session.ping(b"")).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(Stop(None)),
-            // 1011 as for a missed pong: 1008 stays reserved for auth failures.
-            Err(_elapsed) => Err(close(CloseCode::Error, "client is not reading")),
+        let ping = tokio::time::timeout(self.state.keep_alive, self.session.ping(b"")).await;
+        within_time(ping)?;
+        self.send_heartbeat().await
+    }
+
+    async fn send_heartbeat(&mut self) -> Result<(), Stop> {
+        match self.heartbeat.clone() {
+            Some(heartbeat) => self.send(heartbeat).await,
+            None => Ok(()),
         }
     }
 
@@ -172,11 +181,12 @@ impl Connection {
             Some(Delivery::Reset { newest, reason }) => {
                 self.send(reset_ws_message(newest, reason.as_str())).await
             }
-            // The hub closed (shutting down), or the subscription reached its token's expiry.
-            None if self.state.hub.closing().is_cancelled() => {
+            Some(Delivery::End(EndReason::Shutdown)) | None => {
                 Err(close(CloseCode::Away, "server shutting down"))
             }
-            None => Err(close(CloseCode::Policy, "token expired")),
+            Some(Delivery::End(EndReason::TokenExpired)) => {
+                Err(close(CloseCode::Policy, "token expired"))
+            }
         }
     }
 
@@ -211,8 +221,9 @@ impl Connection {
     }
 
     async fn on_text(&mut self, access: &Access, text: &str) -> Result<(), Stop> {
-        if text.len() > MAX_BODY_BYTES {
-            let error = format!("message is larger than {MAX_BODY_BYTES} bytes");
+        let max = self.state.limits.max_body_bytes;
+        if text.len() > max {
+            let error = format!("message is larger than {max} bytes (--max-body-bytes)");
             return self.send_error(Value::Null, error).await;
         }
         let mut fields = match serde_json::from_str::<Value>(text) {
@@ -331,6 +342,18 @@ impl Connection {
         access.check_publish(&task_id)?;
         let key = key.map(|key| access.scope_idempotency_key(key));
         Ok(self.state.backend.update(task_id, patch, key).await?)
+    }
+}
+
+/// A send that had to finish in time: a client that stops reading fills its queue, and is closed
+/// like one that stopped answering pings (1011: 1008 stays reserved for auth failures).
+fn within_time(
+    sent: Result<Result<(), actix_ws::Closed>, tokio::time::error::Elapsed>,
+) -> Result<(), Stop> {
+    match sent {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_closed)) => Err(Stop(None)),
+        Err(_elapsed) => Err(close(CloseCode::Error, "client is not reading")),
     }
 }
 

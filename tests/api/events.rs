@@ -253,3 +253,36 @@ async fn ten_thousand_subscribers_connect_and_all_receive_an_event() {
     .await
     .expect("all got the event");
 }
+
+#[tokio::test]
+async fn with_heartbeat_1_idle_ticks_are_named_events_without_an_id() {
+    let server = TestServer::start(&["--keep-alive", "1"]).await;
+    let mut stream = server.subscribe("/events?heartbeat=1").await;
+    assert!(stream.next_frame().await.unwrap().retry.is_some());
+    let heartbeat = "event: heartbeat\ndata: {\"event\":\"heartbeat\",\"keep_alive_ms\":1000}\n\n";
+    let first = stream.next_frame().await.unwrap();
+    assert_eq!(
+        first.raw, heartbeat,
+        "at once, so the client learns the period"
+    );
+    let id = server.update(json!({"task_id": 1})).await;
+    let event = loop {
+        let frame = stream.next_frame().await.unwrap();
+        if frame.id.is_some() {
+            break frame;
+        }
+    };
+    assert_eq!(event.id.as_deref(), Some(id.as_str()));
+    let started = Instant::now();
+    let next = stream.next_frame().await.unwrap();
+    assert_eq!(next.raw, heartbeat, "no id line: lastEventId stays {id}");
+    assert!(started.elapsed() < Duration::from_millis(1700));
+    // Plain clients keep the comment.
+    let mut plain = server.subscribe("/events").await;
+    plain.next_frame().await.unwrap();
+    let comment = plain.next_frame().await.unwrap();
+    assert!(
+        comment.data.is_none() && comment.comments.contains(&"keep-alive".to_owned()),
+        "{comment:?}"
+    );
+}

@@ -668,6 +668,19 @@ impl WsClient {
         }
     }
 
+    /// After a close frame: how long until the server ends the TCP connection (RFC 6455 7.1.1:
+    /// the server closes it first, at once).
+    pub async fn time_to_eof(&mut self) -> Duration {
+        let started = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout(PATIENCE, self.socket.next()).await {
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_)) | None) => return started.elapsed(),
+                Err(_) => panic!("the server kept the connection open for {PATIENCE:?}"),
+            }
+        }
+    }
+
     /// Reads until the server closes; answers the close code.
     pub async fn close_code(&mut self) -> Option<u16> {
         loop {

@@ -5,7 +5,7 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Messages on one connection are handled in order, so an update sent over the same WebSocket
@@ -446,5 +446,78 @@ async fn with_auth_on_a_bad_token_closes_with_1008_and_a_token_limits_what_the_s
         seen,
         [json!("proj-7:a"), json!("proj-7:b")],
         "101 is never delivered"
+    );
+}
+
+/// RFC 6455 7.1.1: once close frames are exchanged the server closes the TCP connection at once,
+/// so a client that reconnects does not wait on a timer first.
+#[tokio::test]
+async fn the_tcp_connection_ends_right_after_the_close_handshake() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let server = TestServer::start(&[]).await;
+    // Closed by the client.
+    let mut ws = WsClient::connect(&server).await;
+    ws.send(json!({"type": "subscribe"})).await;
+    ws.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    let waited = ws.time_to_eof().await;
+    assert!(
+        waited < Duration::from_millis(50),
+        "client close took {waited:?}"
+    );
+    // Closed by the server (full: 1013), the client answering the close frame.
+    let full = TestServer::start(&["--max-subscribers", "1"]).await;
+    let _sse = full.subscribe("/events").await;
+    let mut ws = WsClient::connect(&full).await;
+    assert_eq!(ws.close_code().await, Some(1013));
+    let waited = ws.time_to_eof().await;
+    assert!(
+        waited < Duration::from_millis(50),
+        "server close took {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_heartbeat_1_the_socket_says_it_is_alive_at_once_and_every_keep_alive() {
+    let server = TestServer::start(&["--keep-alive", "1"]).await;
+    let mut ws = WsClient::connect_to(&server, "/ws?heartbeat=1").await;
+    let first = ws.json().await;
+    assert_eq!(first, json!({"type": "heartbeat", "keep_alive_ms": 1000}));
+    let started = Instant::now();
+    assert_eq!(ws.json().await["type"], "heartbeat");
+    let period = started.elapsed();
+    assert!(
+        (Duration::from_millis(700)..Duration::from_millis(1700)).contains(&period),
+        "the next heartbeat came after {period:?}"
+    );
+    // Without the parameter: none (the protocol pings only).
+    let mut plain = WsClient::connect(&server).await;
+    plain.send(json!({"type": "subscribe"})).await;
+    let id = server.update(json!({"task_id": 1})).await;
+    assert_eq!(plain.json().await["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn update_task_messages_honour_max_body_bytes() {
+    let server = TestServer::start(&["--max-body-bytes", "2000"]).await;
+    let mut ws = WsClient::connect(&server).await;
+    let big = json!({"type": "update_task", "request_id": 1, "task_id": 1, "title": "x".repeat(200), "data": {"pad": "y".repeat(2000)}});
+    ws.send(big).await;
+    let error = ws.json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("2000 bytes"),
+        "{error}"
+    );
+    ws.send(json!({"type": "update_task", "request_id": 2, "task_id": 1}))
+        .await;
+    assert_eq!(ws.json().await["type"], "ack");
+    assert_eq!(
+        server.snapshot().await["tasks"].as_array().unwrap().len(),
+        1,
+        "only the small one"
     );
 }
