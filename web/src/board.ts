@@ -114,6 +114,16 @@ function fullTimeOf(updatedAt: string | undefined): string {
   return Number.isNaN(d.getTime()) ? updatedAt : `${DATE_TIME.format(d)} (${updatedAt})`;
 }
 
+function setText(node: HTMLElement, text: string): void {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function setHeight(spacer: HTMLTableRowElement, px: number): void {
+  const td = spacer.firstElementChild as HTMLElement;
+  const value = `${px}px`;
+  if (td.style.height !== value) td.style.height = value;
+}
+
 const reducedMotion = window.matchMedia('(prefers-reduced-motion: reduce)');
 
 /** One animation frame for everything that changed since the last one. */
@@ -140,6 +150,7 @@ const frame = new Frame();
 
 class TaskTable {
   private readonly body = byId<HTMLTableSectionElement>('task-rows');
+  private readonly table = byId('tasks');
   private readonly wrap = byId('table-wrap');
   private readonly empty = byId('empty');
   private readonly count = byId('task-count');
@@ -161,9 +172,9 @@ class TaskTable {
   /** The rows in the DOM, by key. */
   private readonly rows = new Map<string, HTMLTableRowElement>();
   private rowHeight = 0;
+  private headHeight = 0;
   private viewHeight = 0;
   private readonly flashes = new WeakMap<HTMLTableRowElement, Animation>();
-  private flashColor = '';
 
   constructor(private readonly onChanged: (tasks: Task[]) => void) {
     this.wrap.addEventListener('scroll', () => frame.schedule(this.draw), { passive: true });
@@ -229,7 +240,8 @@ class TaskTable {
   private measure(): void {
     this.rowHeight = parseFloat(getComputedStyle(this.wrap).getPropertyValue('--row-h')) || 40;
     this.viewHeight = this.wrap.clientHeight || window.innerHeight;
-    this.flashColor = getComputedStyle(this.wrap).getPropertyValue('--flash').trim() || '#fff3c4';
+    // Read here (on resize), not per frame: reading layout in a frame forces it.
+    this.headHeight = this.body.offsetTop || 0;
   }
 
   private matches(key: string): boolean {
@@ -239,7 +251,11 @@ class TaskTable {
     return `${key} ${t.title ?? ''} ${t.status ?? ''} ${t.assignee ?? ''}`.toLowerCase().includes(this.filter);
   }
 
+  /** Frames drawn, for tests: at most one per animation frame however many events came. */
+  draws = 0;
+
   private readonly draw = (): void => {
+    this.draws += 1;
     const changed = [...this.dirty];
     this.dirty.clear();
     // A filtered view changes shape when a changed task enters or leaves it.
@@ -248,11 +264,17 @@ class TaskTable {
     this.window(changed);
     this.drawnTasks = this.tasks;
     if (this.structural) this.drawnKeys = this.sorted.slice();
-    this.count.textContent = String(this.tasks.size);
-    this.lastId.textContent = this.lastEventId ?? '–';
-    this.empty.hidden = this.shown.length > 0;
-    if (this.filter && this.shown.length === 0) this.empty.textContent = 'No task matches the filter.';
-    else this.empty.replaceChildren('No tasks yet. POST one to ', el('code', undefined, '/update_task'), ' or use the form.');
+    // Only what changed is written: every write costs style and layout work.
+    setText(this.count, String(this.tasks.size));
+    setText(this.lastId, this.lastEventId ?? '–');
+    const empty = this.shown.length === 0;
+    if (this.empty.hidden === empty) this.empty.hidden = !empty;
+    const emptyKind = this.filter ? 'filter' : 'none';
+    if (empty && this.empty.dataset.kind !== emptyKind) {
+      this.empty.dataset.kind = emptyKind;
+      if (this.filter) this.empty.textContent = 'No task matches the filter.';
+      else this.empty.replaceChildren('No tasks yet. POST one to ', el('code', undefined, '/update_task'), ' or use the form.');
+    }
     if (changed.length > 0) this.onChanged(changed.map((k) => this.tasks.get(k)).filter((t): t is Task => t !== undefined));
     this.structural = false;
     this.refill = false;
@@ -263,7 +285,7 @@ class TaskTable {
     const h = this.rowHeight;
     const total = this.shown.length;
     // The table's header sits above the rows inside the scroller.
-    const head = (this.body.offsetTop || 0);
+    const head = this.headHeight;
     const top = Math.max(0, this.wrap.scrollTop - head);
     const first = Math.max(0, Math.floor(top / h) - OVERSCAN);
     const last = Math.min(total, Math.ceil((top + this.viewHeight) / h) + OVERSCAN);
@@ -289,25 +311,32 @@ class TaskTable {
       } else if (task && (this.refill || changedSet.has(key))) {
         this.fill(row, task, changedSet.has(key) && row.dataset.version !== String(task.version));
       }
-      row.setAttribute('aria-rowindex', String(first + order.length + 2));
+        const index = String(first + order.length + 2);
+      if (row.getAttribute('aria-rowindex') !== index) row.setAttribute('aria-rowindex', index);
       order.push(row);
     }
-    this.topSpacer.firstElementChild!.setAttribute('style', `height:${first * h}px`);
-    this.bottomSpacer.firstElementChild!.setAttribute('style', `height:${(total - last) * h}px`);
-    byId('tasks').setAttribute('aria-rowcount', String(total + 1));
+    setHeight(this.topSpacer, first * h);
+    setHeight(this.bottomSpacer, (total - last) * h);
+    const rowCount = String(total + 1);
+    if (this.table.getAttribute('aria-rowcount') !== rowCount) this.table.setAttribute('aria-rowcount', rowCount);
     if (moved || this.structural) this.body.replaceChildren(this.topSpacer, ...order, this.bottomSpacer);
   }
 
   private createRow(key: string): HTMLTableRowElement {
     const row = el('tr', 'row');
     row.dataset.taskId = key;
-    row.append(el('td', 'id'), el('td', 'title'), el('td', 'status'), el('td', 'assignee'), el('td', 'num version'), el('td', 'time'));
+    const id = el('td', 'id');
+    // The change marker: only its opacity animates, which the compositor does
+    // off the main thread (a background-colour flash repaints the row every frame).
+    id.append(el('span', 'mark'), el('span', 'id-text'));
+    id.firstElementChild!.setAttribute('aria-hidden', 'true');
+    row.append(id, el('td', 'title'), el('td', 'status'), el('td', 'assignee'), el('td', 'num version'), el('td', 'time'));
     return row;
   }
 
   private fill(row: HTMLTableRowElement, task: Task, flash: boolean): void {
     const [id, title, status, assignee, version, time] = row.cells as unknown as HTMLTableCellElement[];
-    id!.textContent = String(task.task_id);
+    id!.lastChild!.textContent = String(task.task_id);
     id!.title = String(task.task_id);
     title!.textContent = task.title ?? '';
     // The whole text, for a title the column cuts.
@@ -334,9 +363,10 @@ class TaskTable {
    * None with `prefers-reduced-motion`.
    */
   private flash(row: HTMLTableRowElement): void {
+    const mark = row.cells[0]!.firstElementChild as HTMLElement;
     this.flashes.get(row)?.cancel();
-    if (reducedMotion.matches || typeof row.animate !== 'function') return;
-    this.flashes.set(row, row.animate([{ backgroundColor: this.flashColor }, { backgroundColor: 'transparent' }], { duration: 1200, easing: 'ease-out' }));
+    if (reducedMotion.matches || typeof mark.animate !== 'function') return;
+    this.flashes.set(row, mark.animate([{ opacity: 1 }, { opacity: 0 }], { duration: 1200, easing: 'ease-out' }));
   }
 }
 
@@ -494,7 +524,7 @@ function main(): void {
   const log = new Log();
   const radios = [...document.querySelectorAll<HTMLInputElement>('#transport-switch input[name="transport"]')];
   // For tests and scripts: the rows the last frame drew (the DOM holds only the visible ones).
-  (window as unknown as { taskstreamBoard: unknown }).taskstreamBoard = { rows: () => table.drawn() };
+  (window as unknown as { taskstreamBoard: unknown }).taskstreamBoard = { rows: () => table.drawn(), draws: () => table.draws };
 
   let board: TaskBoard | undefined;
   let transport: Transport = parseTransport(params.get('transport'));
