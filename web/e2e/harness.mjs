@@ -91,6 +91,7 @@ export function serverBinary() {
  * @property {number} port
  * @property {() => Promise<number | null>} stop  SIGTERM, then the exit code
  * @property {() => string} logs  what it wrote to stderr
+ * @property {(signal: NodeJS.Signals) => void} signal  e.g. SIGSTOP / SIGCONT, to freeze it
  */
 
 /**
@@ -123,7 +124,9 @@ export async function startServer(bin, opts = {}) {
  * @returns {Promise<Server>}
  */
 function startOnce(bin, port, args) {
-  const child = spawn(bin, ['--bind', `127.0.0.1:${port}`, '--retry', '200', '--keep-alive', '2', ...args], {
+  // --keep-alive may be given once only: a test's own value replaces the default 2.
+  const keepAlive = args.includes('--keep-alive') ? [] : ['--keep-alive', '2'];
+  const child = spawn(bin, ['--bind', `127.0.0.1:${port}`, '--retry', '200', ...keepAlive, ...args], {
     cwd: REPO_DIR,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
@@ -156,7 +159,12 @@ function startOnce(bin, port, args) {
         url,
         port: Number(new URL(url).port),
         logs: () => stderr,
+        signal: (sig) => {
+          child.kill(sig);
+        },
         stop: async () => {
+          // A frozen server cannot exit on SIGTERM.
+          if (child.exitCode === null && child.signalCode === null) child.kill('SIGCONT');
           if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
           child.kill('SIGTERM');
           const timeout = new Promise((r) => setTimeout(() => r('timeout'), 8_000));
@@ -289,17 +297,26 @@ export async function waitForState(page, state, timeout = 10_000, transport) {
 
 /**
  * The board's rows as {key: {version, status, assignee}}, and the row count.
+ * The table is windowed (only rows in view are in the DOM), so this reads the
+ * rows the last frame drew (`window.taskstreamBoard.rows()`), and checks that
+ * every row in the DOM shows exactly that.
  * @param {import('playwright-core').Page} page
  */
 export function boardRows(page) {
   return page.evaluate(() => {
-    const rows = /** @type {HTMLTableRowElement[]} */ ([...document.querySelectorAll('#task-rows tr')]);
+    // @ts-ignore: the board's own test hook
+    const drawn = /** @type {Array<{ key: string, version: string, status: string, assignee: string }>} */ (window.taskstreamBoard.rows());
     /** @type {Record<string, { version: string, status: string, assignee: string }>} */
     const tasks = {};
-    for (const r of rows) {
-      tasks[r.dataset.taskId ?? ''] = { version: r.dataset.version ?? '', status: r.dataset.status ?? '', assignee: r.dataset.assignee ?? '' };
+    for (const r of drawn) tasks[r.key] = { version: r.version, status: r.status, assignee: r.assignee };
+    const dom = /** @type {HTMLTableRowElement[]} */ ([...document.querySelectorAll('#task-rows tr[data-task-id]')]);
+    for (const r of dom) {
+      const t = tasks[r.dataset.taskId ?? ''];
+      if (!t || t.version !== r.dataset.version || t.status !== r.dataset.status || t.assignee !== r.dataset.assignee) {
+        throw new Error(`row ${r.dataset.taskId} in the DOM (v${r.dataset.version}) differs from the drawn model (${JSON.stringify(t)})`);
+      }
     }
-    return { tasks, count: rows.length };
+    return { tasks, count: drawn.length, inDom: dom.length };
   });
 }
 
@@ -313,9 +330,10 @@ export async function waitForBoard(page, expected, timeout = 10_000) {
   const want = Object.fromEntries(Object.entries(expected).map(([k, v]) => [k, v.version]));
   await page.waitForFunction(
     (want) => {
-      const rows = /** @type {HTMLTableRowElement[]} */ ([...document.querySelectorAll('#task-rows tr')]);
+      // @ts-ignore: the board's own test hook
+      const rows = /** @type {Array<{ key: string, version: string }>} */ (window.taskstreamBoard.rows());
       if (rows.length !== Object.keys(want).length) return false;
-      return rows.every((r) => want[r.dataset.taskId ?? ''] === r.dataset.version);
+      return rows.every((r) => want[r.key] === r.version);
     },
     want,
     { timeout, polling: 'raf' },

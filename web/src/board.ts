@@ -1,8 +1,15 @@
 /**
- * The live task board served at `/`: a table of every task, a connection
- * badge, a transport switch (SSE / WebSocket), a form that updates a task,
- * and a log of raw events. All of it runs on one {@link taskBoard} (one
- * EventSource or one WebSocket), from the library beside it.
+ * The live task board served at `/`: a windowed table of every task with a
+ * filter, a connection badge with "not live since", a transport switch (SSE /
+ * WebSocket), sign-in when the server wants a token, a form that updates a
+ * task, and a log of raw events. All of it runs on one {@link taskBoard}
+ * (one EventSource or one WebSocket), from the library beside it.
+ *
+ * Rendering is per animation frame, not per event: events only mark rows
+ * dirty, and one `requestAnimationFrame` writes the rows that changed and are
+ * on screen, the counters and the newest log lines. Only the rows in the
+ * scroll window (plus a margin) exist in the DOM, so 5,000 tasks cost what
+ * 40 do.
  *
  * The page reads its own query parameters: `transport` (`sse`, the default,
  * or `websocket`; the switch rewrites it), `token` (or `access_token`: a JWT
@@ -13,17 +20,23 @@ import './board.css';
 import { Subscription } from 'rxjs';
 import {
   type BoardState,
+  type ConnectionInfo,
   type ConnectionState,
-  type ServerEvent,
   type Task,
   type TaskBoard,
+  type TaskEvent,
   type TaskPatch,
   TaskstreamError,
   type Transport,
   taskBoard,
 } from './taskstream';
 
-const LOG_LINES = 200;
+/** The log keeps this many lines: beyond that nobody reads them, and each one costs layout. */
+const LOG_LINES = 50;
+/** Rows rendered above and below the visible window, so a fast scroll shows no blank. */
+const OVERSCAN = 8;
+/** The spoken summary of changes comes at most this often. */
+const ANNOUNCE_EVERY_MS = 5000;
 
 const BADGE_LABEL: Record<ConnectionState, string> = {
   connecting: 'connecting',
@@ -62,6 +75,18 @@ function compareKeys(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
+/** Where `key` goes in the sorted `keys`. */
+function insertAt(keys: readonly string[], key: string): number {
+  let lo = 0;
+  let hi = keys.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (compareKeys(keys[mid]!, key) < 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 /** A stable colour class for a status, so a glance tells them apart. */
 function statusClass(status: string | undefined): string {
   const s = (status ?? '').toLowerCase();
@@ -73,82 +98,258 @@ function statusClass(status: string | undefined): string {
   return 'status-todo';
 }
 
+/** The viewer's local time with its zone ("14:03:27 CET"): the server's times are UTC. */
+const TIME = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', second: '2-digit', hourCycle: 'h23', timeZoneName: 'short' });
+const DATE_TIME = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'long' });
+
 function timeOf(updatedAt: string | undefined): string {
   if (!updatedAt) return '';
   const d = new Date(updatedAt);
-  return Number.isNaN(d.getTime()) ? updatedAt : d.toISOString().slice(11, 23);
+  return Number.isNaN(d.getTime()) ? updatedAt : TIME.format(d);
 }
 
+function fullTimeOf(updatedAt: string | undefined): string {
+  if (!updatedAt) return '';
+  const d = new Date(updatedAt);
+  return Number.isNaN(d.getTime()) ? updatedAt : `${DATE_TIME.format(d)} (${updatedAt})`;
+}
+
+function setText(node: HTMLElement, text: string): void {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function setHeight(spacer: HTMLTableRowElement, px: number): void {
+  const td = spacer.firstElementChild as HTMLElement;
+  const value = `${px}px`;
+  if (td.style.height !== value) td.style.height = value;
+}
+
+const reducedMotion = window.matchMedia('(prefers-reduced-motion: reduce)');
+
+/** One animation frame for everything that changed since the last one. */
+class Frame {
+  private pending = false;
+  private readonly jobs = new Set<() => void>();
+  schedule(job: () => void): void {
+    this.jobs.add(job);
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      const jobs = [...this.jobs];
+      this.jobs.clear();
+      for (const j of jobs) j();
+    });
+  }
+}
+
+const frame = new Frame();
+
 // ---------------------------------------------------------------------------
-// Tasks table
+// Tasks table: windowed, filtered, written once per frame
 
 class TaskTable {
-  private readonly rows = new Map<string, HTMLTableRowElement>();
   private readonly body = byId<HTMLTableSectionElement>('task-rows');
+  private readonly table = byId('tasks');
+  private readonly wrap = byId('table-wrap');
   private readonly empty = byId('empty');
   private readonly count = byId('task-count');
   private readonly lastId = byId('last-event-id');
+  private readonly filterBox = byId<HTMLInputElement>('filter');
+  private readonly topSpacer = this.spacer();
+  private readonly bottomSpacer = this.spacer();
 
-  render(state: BoardState): void {
-    const { change, tasks } = state;
-    const row = change.kind === 'updated' ? this.rows.get(change.key) : undefined;
-    if (row) {
-      // The common case: one known task changed. Touch one row only.
-      this.fill(row, change.kind === 'updated' ? change.task : undefined, true);
-    } else {
-      this.reconcile(tasks, change.kind === 'snapshot');
-    }
-    this.count.textContent = String(tasks.size);
-    this.lastId.textContent = state.lastEventId ?? '–';
-    this.empty.hidden = tasks.size > 0;
+  /** The state as of the last frame drawn, and what changed since. */
+  private tasks: ReadonlyMap<string, Task> = new Map();
+  private lastEventId: string | null = null;
+  private sorted: string[] = [];
+  private known = new Set<string>();
+  private shown: string[] = [];
+  private structural = true;
+  private refill = false;
+  private readonly dirty = new Set<string>();
+  private filter = '';
+  /** The rows in the DOM, by key. */
+  private readonly rows = new Map<string, HTMLTableRowElement>();
+  private rowHeight = 0;
+  private headHeight = 0;
+  private viewHeight = 0;
+  private readonly flashes = new WeakMap<HTMLTableRowElement, Animation>();
+
+  constructor(private readonly onChanged: (tasks: Task[]) => void) {
+    this.wrap.addEventListener('scroll', () => frame.schedule(this.draw), { passive: true });
+    new ResizeObserver(() => {
+      this.measure();
+      frame.schedule(this.draw);
+    }).observe(this.wrap);
+    this.filterBox.addEventListener('input', () => {
+      this.filter = this.filterBox.value.trim().toLowerCase();
+      this.structural = true;
+      frame.schedule(this.draw);
+    });
+    this.measure();
   }
 
-  private reconcile(tasks: ReadonlyMap<string, Task>, refill: boolean): void {
+  /** Takes a board emission; the DOM follows at the next frame. */
+  push(state: BoardState): void {
+    const { change } = state;
+    if (change.kind === 'snapshot') {
+      this.sorted = [...state.tasks.keys()].sort(compareKeys);
+      this.known = new Set(this.sorted);
+      this.structural = true;
+      // After a reload a task may have the same version with other content
+      // (a restarted in-memory server), so a snapshot refills every row.
+      this.refill = true;
+    } else if (change.kind === 'updated') {
+      if (!this.known.has(change.key)) {
+        this.known.add(change.key);
+        this.sorted.splice(insertAt(this.sorted, change.key), 0, change.key);
+        this.structural = true;
+      }
+      this.dirty.add(change.key);
+    } else {
+      const i = this.known.delete(change.key) ? this.sorted.indexOf(change.key) : -1;
+      if (i >= 0) this.sorted.splice(i, 1);
+      this.structural = true;
+    }
+    this.tasks = state.tasks;
+    this.lastEventId = state.lastEventId;
+    frame.schedule(this.draw);
+  }
+
+  /** What the last frame drew, for tests and scripts: every task, filtered or not. */
+  drawn(): Array<{ key: string; version: string; status: string; assignee: string }> {
+    return this.drawnKeys.map((key) => {
+      const t = this.drawnTasks.get(key)!;
+      return { key, version: String(t.version), status: t.status ?? '', assignee: t.assignee ?? '' };
+    });
+  }
+
+  private drawnTasks: ReadonlyMap<string, Task> = new Map();
+  private drawnKeys: string[] = [];
+
+  private spacer(): HTMLTableRowElement {
+    const tr = el('tr', 'spacer');
+    tr.setAttribute('aria-hidden', 'true');
+    const td = el('td');
+    td.colSpan = 6;
+    tr.append(td);
+    return tr;
+  }
+
+  private measure(): void {
+    this.rowHeight = parseFloat(getComputedStyle(this.wrap).getPropertyValue('--row-h')) || 40;
+    this.viewHeight = this.wrap.clientHeight || window.innerHeight;
+    // Read here (on resize), not per frame: reading layout in a frame forces it.
+    this.headHeight = this.body.offsetTop || 0;
+  }
+
+  private matches(key: string): boolean {
+    if (!this.filter) return true;
+    const t = this.tasks.get(key);
+    if (!t) return false;
+    return `${key} ${t.title ?? ''} ${t.status ?? ''} ${t.assignee ?? ''}`.toLowerCase().includes(this.filter);
+  }
+
+  /** Frames drawn, for tests: at most one per animation frame however many events came. */
+  draws = 0;
+
+  private readonly draw = (): void => {
+    this.draws += 1;
+    const changed = [...this.dirty];
+    this.dirty.clear();
+    // A filtered view changes shape when a changed task enters or leaves it.
+    if (this.filter && changed.length > 0) this.structural = true;
+    if (this.structural) this.shown = this.filter ? this.sorted.filter((k) => this.matches(k)) : this.sorted;
+    this.window(changed);
+    this.drawnTasks = this.tasks;
+    if (this.structural) this.drawnKeys = this.sorted.slice();
+    // Only what changed is written: every write costs style and layout work.
+    setText(this.count, String(this.tasks.size));
+    setText(this.lastId, this.lastEventId ?? '–');
+    const empty = this.shown.length === 0;
+    if (this.empty.hidden === empty) this.empty.hidden = !empty;
+    const emptyKind = this.filter ? 'filter' : 'none';
+    if (empty && this.empty.dataset.kind !== emptyKind) {
+      this.empty.dataset.kind = emptyKind;
+      if (this.filter) this.empty.textContent = 'No task matches the filter.';
+      else this.empty.replaceChildren('No tasks yet. POST one to ', el('code', undefined, '/update_task'), ' or use the form.');
+    }
+    if (changed.length > 0) this.onChanged(changed.map((k) => this.tasks.get(k)).filter((t): t is Task => t !== undefined));
+    this.structural = false;
+    this.refill = false;
+  };
+
+  /** Puts exactly the rows of the scroll window in the DOM, filling new and changed ones. */
+  private window(changed: string[]): void {
+    const h = this.rowHeight;
+    const total = this.shown.length;
+    // The table's header sits above the rows inside the scroller.
+    const head = this.headHeight;
+    const top = Math.max(0, this.wrap.scrollTop - head);
+    const first = Math.max(0, Math.floor(top / h) - OVERSCAN);
+    const last = Math.min(total, Math.ceil((top + this.viewHeight) / h) + OVERSCAN);
+    const keys = this.shown.slice(first, last);
+    const wanted = new Set(keys);
     for (const [key, row] of this.rows) {
-      if (!tasks.has(key)) {
+      if (!wanted.has(key)) {
         row.remove();
         this.rows.delete(key);
       }
     }
-    let added = false;
-    for (const [key, task] of tasks) {
+    const changedSet = new Set(changed);
+    const order: HTMLTableRowElement[] = [];
+    let moved = false;
+    for (const key of keys) {
+      const task = this.tasks.get(key);
       let row = this.rows.get(key);
       if (!row) {
         row = this.createRow(key);
         this.rows.set(key, row);
-        added = true;
-        this.fill(row, task, false);
-      } else if (refill || row.dataset.version !== String(task.version)) {
-        // After a reload a task may have the same version with other content
-        // (a restarted in-memory server), so a snapshot refills every row.
-        this.fill(row, task, row.dataset.version !== String(task.version));
+        moved = true;
+        if (task) this.fill(row, task, false);
+      } else if (task && (this.refill || changedSet.has(key))) {
+        this.fill(row, task, changedSet.has(key) && row.dataset.version !== String(task.version));
       }
+        const index = String(first + order.length + 2);
+      if (row.getAttribute('aria-rowindex') !== index) row.setAttribute('aria-rowindex', index);
+      order.push(row);
     }
-    if (added) {
-      const keys = [...this.rows.keys()].sort(compareKeys);
-      for (const key of keys) this.body.append(this.rows.get(key)!);
-    }
+    setHeight(this.topSpacer, first * h);
+    setHeight(this.bottomSpacer, (total - last) * h);
+    const rowCount = String(total + 1);
+    if (this.table.getAttribute('aria-rowcount') !== rowCount) this.table.setAttribute('aria-rowcount', rowCount);
+    if (moved || this.structural) this.body.replaceChildren(this.topSpacer, ...order, this.bottomSpacer);
   }
 
   private createRow(key: string): HTMLTableRowElement {
-    const row = el('tr');
+    const row = el('tr', 'row');
     row.dataset.taskId = key;
-    row.append(el('td', 'id'), el('td', 'title'), el('td', 'status'), el('td', 'assignee'), el('td', 'num version'), el('td', 'time'));
+    const id = el('td', 'id');
+    // The change marker: only its opacity animates, which the compositor does
+    // off the main thread (a background-colour flash repaints the row every frame).
+    id.append(el('span', 'mark'), el('span', 'id-text'));
+    id.firstElementChild!.setAttribute('aria-hidden', 'true');
+    row.append(id, el('td', 'title'), el('td', 'status'), el('td', 'assignee'), el('td', 'num version'), el('td', 'time'));
     return row;
   }
 
-  private fill(row: HTMLTableRowElement, task: Task | undefined, flash: boolean): void {
-    if (!task) return;
+  private fill(row: HTMLTableRowElement, task: Task, flash: boolean): void {
     const [id, title, status, assignee, version, time] = row.cells as unknown as HTMLTableCellElement[];
-    id!.textContent = String(task.task_id);
+    id!.lastChild!.textContent = String(task.task_id);
+    id!.title = String(task.task_id);
     title!.textContent = task.title ?? '';
+    // The whole text, for a title the column cuts.
+    title!.title = task.title ?? '';
     const pill = el('span', `pill ${statusClass(task.status)}`, task.status ?? '—');
+    pill.title = task.status ?? '';
     status!.replaceChildren(pill);
     assignee!.textContent = task.assignee || 'unassigned';
+    assignee!.title = task.assignee ?? '';
     assignee!.classList.toggle('unassigned', !task.assignee);
-    version!.textContent = String(task.version);
+    version!.textContent = `v${task.version}`;
     time!.textContent = timeOf(task.updated_at);
-    time!.title = task.updated_at ?? '';
+    time!.title = fullTimeOf(task.updated_at);
     row.dataset.status = task.status ?? '';
     row.dataset.assignee = task.assignee ?? '';
     // Last, so a test waiting on data-version sees a fully written row.
@@ -156,46 +357,101 @@ class TaskTable {
     if (flash) this.flash(row);
   }
 
-  private readonly flashes = new WeakMap<HTMLTableRowElement, Animation>();
-
   /**
    * Highlights a changed row. A Web Animation, restarted by cancelling the
-   * previous one: restarting a CSS animation needs a forced layout per event,
-   * about six times the layout and style work of this.
+   * previous one: restarting a CSS animation needs a forced layout per event.
+   * None with `prefers-reduced-motion`.
    */
   private flash(row: HTMLTableRowElement): void {
+    const mark = row.cells[0]!.firstElementChild as HTMLElement;
     this.flashes.get(row)?.cancel();
-    if (typeof row.animate !== 'function') return;
-    this.flashes.set(row, row.animate([{ backgroundColor: '#fff3c4' }, { backgroundColor: 'transparent' }], { duration: 1200, easing: 'ease-out' }));
+    if (reducedMotion.matches || typeof mark.animate !== 'function') return;
+    this.flashes.set(row, mark.animate([{ opacity: 1 }, { opacity: 0 }], { duration: 1200, easing: 'ease-out' }));
   }
 }
 
 // ---------------------------------------------------------------------------
-// Badge, log, form
+// Badge, "not live since", spoken summary, log, form
 
-function renderBadge(state: ConnectionState, transport: Transport): void {
+function clock(ms: number): string {
+  return new Date(ms).toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit', second: '2-digit', hourCycle: 'h23' });
+}
+
+function renderConnection(info: ConnectionInfo, transport: Transport, everOpen: boolean): void {
   const badge = byId('conn-badge');
-  badge.dataset.state = state;
+  badge.dataset.state = info.state;
   badge.dataset.transport = transport;
-  badge.title = `connection: ${state}, over ${TRANSPORT_LABEL[transport]}`;
-  badge.querySelector('.label')!.textContent = BADGE_LABEL[state];
+  badge.title = `connection: ${info.state} over ${TRANSPORT_LABEL[transport]}${info.reason ? ` (${info.reason})` : ''}`;
+  badge.querySelector('.label')!.textContent = BADGE_LABEL[info.state];
   badge.querySelector('.via')!.textContent = TRANSPORT_LABEL[transport];
+  const card = byId('tasks-card');
+  card.dataset.live = String(info.state === 'open');
+  const stale = byId('stale');
+  // Dimmed rows with the time they stopped being live: what is on screen may be old.
+  if (info.state !== 'open' && everOpen && info.state !== 'closed') {
+    const retry = info.nextRetryAt ? `, next try at ${clock(info.nextRetryAt)}` : '';
+    stale.textContent = `Not live since ${clock(info.since)}: ${info.state}${info.attempt ? ` (attempt ${info.attempt}${retry})` : retry}${info.reason ? `. ${info.reason}` : ''}`;
+    stale.hidden = false;
+  } else if (info.state === 'closed' && everOpen && info.error) {
+    stale.textContent = `Not live since ${clock(info.since)}: ${info.error.message}`;
+    stale.hidden = false;
+  } else {
+    stale.hidden = true;
+  }
 }
 
-function appendLog(ev: ServerEvent): void {
-  const log = byId<HTMLOListElement>('log');
-  const line = el('li', `log-line type-${ev.type}`);
-  line.dataset.id = ev.id;
-  line.dataset.type = ev.type;
-  line.append(el('span', 'log-id', ev.id), el('span', 'log-type', ev.type), el('code', 'log-data', JSON.stringify(ev.data)));
-  log.prepend(line);
-  while (log.childElementCount > LOG_LINES) log.lastElementChild!.remove();
+/** A throttled, polite summary of task changes for screen readers ("3 tasks changed: 101 completed, ..."). */
+class Announcer {
+  private readonly region = byId('summary');
+  private readonly changed = new Map<string, Task>();
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  add(tasks: Task[]): void {
+    for (const t of tasks) this.changed.set(String(t.task_id), t);
+    this.timer ??= setTimeout(() => this.say(), ANNOUNCE_EVERY_MS);
+  }
+
+  private say(): void {
+    this.timer = undefined;
+    const all = [...this.changed.values()];
+    this.changed.clear();
+    if (all.length === 0) return;
+    const named = all.slice(0, 3).map((t) => `${t.task_id} ${t.status ?? 'updated'}`);
+    const more = all.length > 3 ? `, and ${all.length - 3} more` : '';
+    this.region.textContent = `${all.length} ${all.length === 1 ? 'task' : 'tasks'} changed: ${named.join(', ')}${more}`;
+  }
 }
 
-function logLine(className: string, message: string): void {
-  const log = byId<HTMLOListElement>('log');
-  log.prepend(el('li', `log-line ${className}`, message));
-  while (log.childElementCount > LOG_LINES) log.lastElementChild!.remove();
+/** The log: events queue up and the newest `LOG_LINES` are written once per frame. */
+class Log {
+  private readonly list = byId<HTMLOListElement>('log');
+  private queue: HTMLLIElement[] = [];
+
+  event(ev: TaskEvent): void {
+    const line = el('li', `log-line type-${ev.type}`);
+    line.dataset.id = ev.id;
+    line.dataset.type = ev.type;
+    line.append(el('span', 'log-id', ev.id), el('span', 'log-type', ev.type), el('code', 'log-data', JSON.stringify(ev.data)));
+    this.add(line);
+  }
+
+  note(className: string, message: string): void {
+    this.add(el('li', `log-line ${className}`, message));
+  }
+
+  private add(line: HTMLLIElement): void {
+    this.queue.push(line);
+    // Lines older than the cap would be removed unseen: don't keep them.
+    if (this.queue.length > LOG_LINES) this.queue.splice(0, this.queue.length - LOG_LINES);
+    frame.schedule(this.flush);
+  }
+
+  private readonly flush = (): void => {
+    const lines = this.queue.reverse();
+    this.queue = [];
+    this.list.prepend(...lines);
+    while (this.list.childElementCount > LOG_LINES) this.list.lastElementChild!.remove();
+  };
 }
 
 /** The form publishes through the board: on its socket when on WebSocket, else POST /update_task. */
@@ -237,39 +493,73 @@ function wireForm(publish: (patch: TaskPatch) => ReturnType<TaskBoard['updateTas
   });
 }
 
+/** Whether an error means "the token": missing, invalid, expired or not allowed. */
+function isAuthError(err: unknown): err is TaskstreamError {
+  return err instanceof TaskstreamError && (err.status === 401 || err.status === 403 || err.closeCode === 1008);
+}
+
+function showAuth(err: TaskstreamError | undefined, hadToken: boolean): void {
+  const panel = byId('auth');
+  panel.hidden = !err;
+  byId('table-wrap').hidden = !!err;
+  if (!err) return;
+  const expired = /expired/i.test(err.message);
+  byId('auth-title').textContent = expired ? 'Token expired' : hadToken ? 'Token refused' : 'Sign-in required';
+  byId('auth-text').textContent = expired
+    ? 'The board stopped when its token expired. Paste a new token to carry on.'
+    : hadToken
+      ? `The server refused the token: ${err.message}`
+      : 'This server needs an access token (a JWT) to show its tasks.';
+}
+
 // ---------------------------------------------------------------------------
 
 function main(): void {
   const params = new URLSearchParams(location.search);
-  const accessToken = params.get('token') || params.get('access_token') || undefined;
+  let accessToken = params.get('token') || params.get('access_token') || undefined;
   const taskIds = params.getAll('task_id').flatMap((v) => v.split(',')).filter(Boolean);
   const base = '';
-  const table = new TaskTable();
+  const announcer = new Announcer();
+  const table = new TaskTable((tasks) => announcer.add(tasks));
+  const log = new Log();
   const radios = [...document.querySelectorAll<HTMLInputElement>('#transport-switch input[name="transport"]')];
+  // For tests and scripts: the rows the last frame drew (the DOM holds only the visible ones).
+  (window as unknown as { taskstreamBoard: unknown }).taskstreamBoard = { rows: () => table.drawn(), draws: () => table.draws };
 
   let board: TaskBoard | undefined;
+  let transport: Transport = parseTransport(params.get('transport'));
   let running = new Subscription();
 
   /** Runs the page on a board over this transport; the previous board, if any, closes first. */
-  const start = (transport: Transport) => {
+  const start = (t: Transport) => {
+    transport = t;
     // The old board's own 'closed' is not shown: its state$ goes first.
     running.unsubscribe();
     running = new Subscription();
-    for (const r of radios) r.checked = r.value === transport;
+    showAuth(undefined, false);
+    for (const r of radios) r.checked = r.value === t;
     const b = taskBoard(base, {
-      transport,
+      transport: t,
       ...(accessToken ? { accessToken } : {}),
       ...(taskIds.length ? { taskIds } : {}),
       backoff: { initialDelayMs: 250, maxDelayMs: 10_000 },
     });
     board = b;
-    running.add(b.state$.subscribe((s) => renderBadge(s, transport)));
-    running.add(b.events$.subscribe(appendLog));
+    let everOpen = false;
+    running.add(
+      b.info$.subscribe((info) => {
+        if (info.state === 'open') everOpen = true;
+        renderConnection(info, t, everOpen);
+      }),
+    );
+    running.add(b.events$.subscribe((ev) => log.event(ev)));
     running.add(
       b.subscribe({
-        // A new board starts with a snapshot: the table reconciles every row with it.
-        next: (state) => table.render(state),
-        error: (err: unknown) => logLine('log-error', err instanceof Error ? err.message : String(err)),
+        next: (state) => table.push(state),
+        error: (err: unknown) => {
+          log.note('log-error', err instanceof Error ? err.message : String(err));
+          if (isAuthError(err)) showAuth(err, accessToken !== undefined);
+        },
       }),
     );
   };
@@ -277,16 +567,28 @@ function main(): void {
   for (const radio of radios) {
     radio.addEventListener('change', () => {
       if (!radio.checked) return;
-      const transport = parseTransport(radio.value);
+      const t = parseTransport(radio.value);
       const url = new URL(location.href);
-      url.searchParams.set('transport', transport);
+      url.searchParams.set('transport', t);
       history.replaceState(history.state, '', url);
-      logLine('log-note', `switched to ${TRANSPORT_LABEL[transport]}`);
-      start(transport);
+      log.note('log-note', `switched to ${TRANSPORT_LABEL[t]}`);
+      start(t);
     });
   }
 
-  start(parseTransport(params.get('transport')));
+  byId<HTMLFormElement>('auth-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const form = e.currentTarget as HTMLFormElement;
+    const value = String(new FormData(form).get('token') ?? '').trim();
+    if (!value) return;
+    // Kept in memory only: a token in the URL would land in the history.
+    accessToken = value;
+    form.reset();
+    log.note('log-note', 'signed in with a new token');
+    start(transport);
+  });
+
+  start(transport);
   wireForm((patch) => board!.updateTask(patch));
 }
 

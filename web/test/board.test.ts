@@ -187,7 +187,7 @@ describe('taskBoard over WebSocket', () => {
     expect(view()).toEqual({ '101': 3 });
     expect(FakeEventSource.instances).toHaveLength(0);
     const ws = FakeWebSocket.last;
-    expect(ws.url).toBe('ws://h:1/ws');
+    expect(ws.url).toBe('ws://h:1/ws?heartbeat=1');
     ws.open();
     expect(ws.sent).toEqual([{ type: 'subscribe', request_id: expect.any(String), last_event_id: '41' }]);
     ws.receive(wsEvent('42', updated(task(101, 4, { status: 'done' }))));
@@ -302,7 +302,7 @@ describe('taskBoard over WebSocket', () => {
     const post = fetch.mock.calls.find(([url]) => String(url).endsWith('/update_task'))!;
     expect(new Headers((post[1] as RequestInit).headers).get('authorization')).toBe('Bearer T');
     const ws = FakeWebSocket.last;
-    ws.open();
+    ws.accept();
     const p = board.updateTask({ task_id: 9, status: 'x' }, { idempotencyKey: 'k' });
     const msg = ws.sentOf('update_task')[0]!;
     expect(msg).toMatchObject({ task_id: 9, status: 'x', idempotency_key: 'k' });

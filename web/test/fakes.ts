@@ -68,6 +68,11 @@ export class FakeEventSource implements EventSourceLike {
     else for (const l of this.listeners.get(type) ?? []) l(ev);
   }
 
+  /** The server's heartbeat (a named event without an id, so lastEventId stays the previous one). */
+  heartbeat(keepAliveMs = 1000, lastEventId = ''): void {
+    this.emit('heartbeat', lastEventId, { event: 'heartbeat', keep_alive_ms: keepAliveMs });
+  }
+
   /** A network error or a stream the server ended: the browser retries itself. */
   drop(): void {
     this.readyState = FakeEventSource.CONNECTING;
@@ -179,6 +184,12 @@ export class FakeWebSocket {
   open(): void {
     this.readyState = FakeWebSocket.OPEN;
     this.onopen?.(new Event('open'));
+  }
+
+  /** The upgrade, then the server's first heartbeat, as a server with `?heartbeat=1` sends it. */
+  accept(keepAliveMs = 1000): void {
+    this.open();
+    this.receive({ type: 'heartbeat', keep_alive_ms: keepAliveMs });
   }
 
   /** One text frame from the server (objects are JSON-encoded). */

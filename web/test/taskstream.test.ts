@@ -98,8 +98,15 @@ describe('fromEventSource', () => {
     sub.unsubscribe();
   });
 
-  it('adds no query and no init when there are no options', () => {
+  it('asks for heartbeats, and adds no other query and no init when there are no options', () => {
     const { sub } = collect('/events');
+    expect(FakeEventSource.last.url).toBe('/events?heartbeat=1');
+    expect(FakeEventSource.last.init).toBeUndefined();
+    sub.unsubscribe();
+  });
+
+  it('adds no query at all with heartbeat: false', () => {
+    const { sub } = collect('/events', { heartbeat: false });
     expect(FakeEventSource.last.url).toBe('/events');
     expect(FakeEventSource.last.init).toBeUndefined();
     sub.unsubscribe();

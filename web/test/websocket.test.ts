@@ -56,9 +56,9 @@ describe('fromWebSocket', () => {
 
   it('turns http(s) into ws(s) and puts the token in access_token', () => {
     const a = collect('http://h:1/ws', { accessToken: 'tok en' });
-    expect(FakeWebSocket.last.url).toBe('ws://h:1/ws?access_token=tok%20en');
+    expect(FakeWebSocket.last.url).toBe('ws://h:1/ws?access_token=tok%20en&heartbeat=1');
     const b = collect('https://h/x/ws?y=1');
-    expect(FakeWebSocket.last.url).toBe('wss://h/x/ws?y=1');
+    expect(FakeWebSocket.last.url).toBe('wss://h/x/ws?y=1&heartbeat=1');
     a.sub.unsubscribe();
     b.sub.unsubscribe();
   });
@@ -109,10 +109,10 @@ describe('fromWebSocket', () => {
 
   it('reports connecting, open, reconnecting, open, closed', async () => {
     const { states, sub } = collect('ws://h/ws', { backoff: { initialDelayMs: 100 } });
-    FakeWebSocket.last.open();
+    FakeWebSocket.last.accept();
     FakeWebSocket.last.closeFromServer(1001, 'server shutting down');
     await vi.advanceTimersByTimeAsync(50);
-    FakeWebSocket.last.open();
+    FakeWebSocket.last.accept();
     sub.unsubscribe();
     expect(states).toEqual(['connecting', 'open', 'reconnecting', 'open', 'closed']);
   });
@@ -234,7 +234,7 @@ describe('fromWebSocket', () => {
     }
     let error: unknown;
     fromWebSocket('nope', { WebSocketCtor: Throwing as never }).subscribe({ error: (e) => (error = e) });
-    expect((error as Error).message).toBe('cannot open a WebSocket on nope: invalid URL nope');
+    expect((error as Error).message).toBe('cannot open a WebSocket on nope: invalid URL nope?heartbeat=1');
   });
 
   it('stops retrying when unsubscribed during the backoff, and ignores the late close of an old socket', async () => {
