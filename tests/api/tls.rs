@@ -85,6 +85,8 @@ async fn an_event_stream_over_http2_with_tls() {
     assert_eq!(event.json()["status"], "done");
 }
 
+/// Also: over TLS every answer carries HSTS (actix-web-lab's middleware), so a browser that once
+/// reached the server over HTTPS keeps to it; a plain HTTP server sends none.
 #[tokio::test]
 async fn http1_clients_still_get_http1_over_tls() {
     let tls = self_signed();
@@ -96,6 +98,21 @@ async fn http1_clients_still_get_http1_over_tls() {
         .unwrap();
     assert_eq!(response.version(), Version::HTTP_11);
     assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
+    let plain = TestServer::start(&[]).await;
+    let response = plain
+        .client
+        .get(plain.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response
+        .headers()
+        .get("strict-transport-security")
+        .is_none());
 }
 
 #[tokio::test]
@@ -117,33 +134,4 @@ async fn a_bad_certificate_stops_the_server_before_it_listens() {
     assert!(!output.status.success());
     assert!(!String::from_utf8_lossy(&output.stdout).contains("listening"));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cert.pem"));
-}
-
-/// Over TLS every answer carries HSTS (actix-web-lab's middleware), so a browser that once
-/// reached the server over HTTPS never tries plain HTTP for it again; plain HTTP servers send none.
-#[tokio::test]
-async fn tls_answers_carry_strict_transport_security() {
-    let tls = self_signed();
-    let server = tls_server(&tls).await;
-    let response = client(&tls, &[b"http/1.1"])
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()["strict-transport-security"],
-        "max-age=31536000"
-    );
-    let plain = TestServer::start(&[]).await;
-    let response = plain
-        .client
-        .get(plain.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response
-        .headers()
-        .get("strict-transport-security")
-        .is_none());
 }
