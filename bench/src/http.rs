@@ -26,6 +26,13 @@ pub async fn connect(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStr
     Ok(stream)
 }
 
+/// One server the tool talks to: where to connect and what to send as `Host`.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub addr: SocketAddr,
+    pub host: String,
+}
+
 /// Status line and headers of a response.
 #[derive(Debug, Clone)]
 pub struct ResponseHead {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use taskstream_bench::http;
+use taskstream_bench::http::{self, Node};
 use tokio::sync::{watch, Semaphore};
 
 use crate::publish::{PubCfg, PubResult};
@@ -32,6 +32,26 @@ pub enum Target {
     Taskstream,
     /// nchan: POST /pub?id=CHANNEL, GET /sub?id=CHANNEL (eventsource)
     Nchan,
+}
+
+/// How the subscribers receive events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// `GET /events` (Server-Sent Events)
+    Sse,
+    /// `GET /ws` (taskstream only): one `subscribe` message, then event messages
+    Ws,
+}
+
+impl Transport {
+    /// The status of a response that starts a stream.
+    pub fn ok_status(self) -> u16 {
+        match self {
+            Transport::Sse => 200,
+            Transport::Ws => 101,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,8 +80,14 @@ struct Args {
     /// Server base URL (loopback only: 127.0.0.0/8, ::1 or localhost).
     /// Default http://127.0.0.1:8080, or http://127.0.0.1:0 with
     /// --spawn-server (port 0: the server picks a free port and prints it).
+    /// Several comma-separated URLs (nodes of one cluster): subscriber i
+    /// connects to node i mod N, publisher connection k posts to node k mod N.
     #[arg(long, env = "TSB_URL")]
     url: Option<String>,
+
+    /// How the subscribers receive events: sse (GET /events) or ws (GET /ws).
+    #[arg(long, value_enum, default_value = "sse")]
+    transport: Transport,
 
     /// Kind of server: decides the publish and subscribe requests.
     #[arg(long, value_enum, env = "TSB_TARGET", default_value = "taskstream")]
@@ -196,6 +222,8 @@ struct Args {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
     pub workload: String,
+    pub transport: Transport,
+    pub nodes: usize,
     pub subscribers: usize,
     pub events: u64,
     pub rate: Option<f64>,
@@ -244,6 +272,8 @@ fn plan(a: &Args) -> Plan {
     };
     Plan {
         workload: p.0.to_string(),
+        transport: a.transport,
+        nodes: a.url.as_deref().map_or(1, |u| u.split(',').count()),
         subscribers: a.subscribers.unwrap_or(p.1),
         events: a.events.unwrap_or(p.2),
         rate,
@@ -415,7 +445,14 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
             "http://127.0.0.1:8080".into()
         }
     });
-    let (mut addr, mut host) = resolve(&url)?;
+    if a.transport == Transport::Ws && a.target != Target::Taskstream {
+        bail!("--transport ws needs --target taskstream");
+    }
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    if urls.len() > 1 && a.spawn_server.is_some() {
+        bail!("--spawn-server starts one node: give one --url, or start the nodes yourself");
+    }
+    let (mut addr, mut host) = resolve(urls[0])?;
     let nofile = sys::raise_nofile();
     let needed = plan.subscribers + plan.publishers + 64;
     if (nofile as usize) < needed {
@@ -453,13 +490,25 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
     if addr.port() == 0 {
         bail!("port 0 needs --spawn-server (the server prints the port it picked)");
     }
-    let url = format!("http://{host}");
+    let mut nodes = vec![Node { addr, host }];
+    for other in &urls[1..] {
+        let (addr, host) = resolve(other)?;
+        nodes.push(Node { addr, host });
+    }
+    let url = nodes
+        .iter()
+        .map(|n| format!("http://{}", n.host))
+        .collect::<Vec<_>>()
+        .join(",");
     let pids = if let Some(s) = &spawned {
         vec![s.pid()]
     } else if !a.server_pid.is_empty() {
         a.server_pid.clone()
     } else {
-        sys::pids_listening_on(addr.port())
+        nodes
+            .iter()
+            .flat_map(|n| sys::pids_listening_on(n.addr.port()))
+            .collect()
     };
     if pids.is_empty() {
         warnings.push(format!(
@@ -480,8 +529,8 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
     let storm = plan.storm_back > 0;
     let total_seq = plan.events + plan.storm_back + plan.storm_live;
     let sub_cfg = Arc::new(SubCfg {
-        addr,
-        host: host.clone(),
+        nodes: nodes.clone(),
+        transport: a.transport,
         path: sub_path,
         run: run_id,
         total_seq,
@@ -492,8 +541,7 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
         head_timeout: Duration::from_secs_f64(a.head_timeout).min(deadline.left()),
     });
     let pub_cfg = Arc::new(PubCfg {
-        addr,
-        host,
+        nodes,
         path: pub_path,
         run: run_id,
         tasks: plan.tasks,

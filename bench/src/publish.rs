@@ -2,19 +2,18 @@
 //! fast as the server answers.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::http::HttpConn;
+use crate::http::{HttpConn, Node};
 use crate::sub::{new_hist, now_ns};
 
 pub struct PubCfg {
-    pub addr: SocketAddr,
-    pub host: String,
+    /// Publisher `k` posts to node `k % nodes.len()`.
+    pub nodes: Vec<Node>,
     /// Request target, e.g. `/update_task` or `/pub?id=tasks`.
     pub path: String,
     pub run: u64,
@@ -57,6 +56,12 @@ impl PubResult {
     }
 }
 
+impl PubCfg {
+    fn node(&self, publisher: usize) -> &Node {
+        &self.nodes[publisher % self.nodes.len()]
+    }
+}
+
 fn request(cfg: &PubCfg, publisher: usize, seq: u64, sent_ns: u64) -> Vec<u8> {
     let body = format!(
         "{{\"task_id\":{},\"data\":{{\"run\":{},\"pub\":{},\"seq\":{},\"sent_ns\":{}}}}}",
@@ -69,7 +74,7 @@ fn request(cfg: &PubCfg, publisher: usize, seq: u64, sent_ns: u64) -> Vec<u8> {
     format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json\r\nUser-Agent: taskstream-bench\r\nContent-Length: {}\r\n\r\n{}",
         cfg.path,
-        cfg.host,
+        cfg.node(publisher).host,
         body.len(),
         body
     )
@@ -120,7 +125,7 @@ async fn publish_here(
         let cfg = cfg.clone();
         let next = next.clone();
         handles.push(tokio::spawn(async move {
-            let mut conn = HttpConn::new(cfg.addr, None);
+            let mut conn = HttpConn::new(cfg.node(publisher).addr, None);
             let mut r = PubResult::empty();
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
@@ -149,7 +154,7 @@ async fn publish_here(
                 {
                     Ok(a) => a,
                     Err(_) => {
-                        conn = HttpConn::new(cfg.addr, None);
+                        conn = HttpConn::new(cfg.node(publisher).addr, None);
                         Err(anyhow::anyhow!("no answer within 10 s"))
                     }
                 };

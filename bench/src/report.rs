@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::publish::PubResult;
 use crate::sub::{PhaseStats, SubResult};
-use crate::{Mem, Plan, StormRun, Target};
+use crate::{Mem, Plan, StormRun, Target, Transport};
 
 /// Latency summary, microseconds.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -379,13 +379,14 @@ pub fn build(i: Inputs) -> Report {
     let mut problems = i.problems;
     let mut warnings = i.warnings;
     let n = i.plan.subscribers;
+    let ok_status = i.plan.transport.ok_status();
 
     // Connect.
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut connected = 0;
     for r in &i.results {
         match (&r.error, r.status) {
-            (None, Some(200)) => connected += 1,
+            (None, Some(status)) if status == ok_status => connected += 1,
             (Some(e), _) => *failures.entry(short(e)).or_default() += 1,
             (None, s) => *failures.entry(format!("status {s:?}")).or_default() += 1,
         }
@@ -437,7 +438,7 @@ pub fn build(i: Inputs) -> Report {
     let ok_subs: Vec<&SubResult> = i
         .results
         .iter()
-        .filter(|r| r.error.is_none() && r.status == Some(200))
+        .filter(|r| r.error.is_none() && r.status == Some(ok_status))
         .collect();
     let phases0: Vec<&PhaseStats> = ok_subs.iter().filter_map(|r| r.phases.first()).collect();
     let delivery0 = delivery(
@@ -502,11 +503,13 @@ pub fn build(i: Inputs) -> Report {
     });
 
     // Contract checks on the response head and stream start.
+    // (A WebSocket has no SSE head or `retry:` to check.)
+    let sse = i.plan.transport == Transport::Sse;
     let mut spec = SpecRep {
-        checked: i.target == Target::Taskstream,
+        checked: sse && i.target == Target::Taskstream,
         ..Default::default()
     };
-    for r in &ok_subs {
+    for r in ok_subs.iter().filter(|_| sse) {
         spec.bad_content_type += !r.content_type_ok as u64;
         spec.missing_cache_control_no_cache += !r.cache_control_ok as u64;
         spec.missing_x_accel_buffering_no += !r.x_accel_ok as u64;

@@ -3,19 +3,23 @@
 
 use std::cell::RefCell;
 use std::cmp::Ordering as CmpOrdering;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
+use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
-use crate::http::{self, Dechunker, ResponseHead};
+use crate::http::{self, Dechunker, Node, ResponseHead};
+use crate::Transport;
 use taskstream_sse::{self as sse, Event, SseParser};
 
 pub const RUN: u8 = 0;
@@ -76,8 +80,9 @@ impl Shared {
 
 /// Static configuration of all subscribers.
 pub struct SubCfg {
-    pub addr: SocketAddr,
-    pub host: String,
+    /// Subscriber `i` connects to node `i % nodes.len()`.
+    pub nodes: Vec<Node>,
+    pub transport: Transport,
     pub path: String,
     pub run: u64,
     /// Size of the seq space (all events this run may publish).
@@ -94,6 +99,10 @@ pub struct SubCfg {
 }
 
 impl SubCfg {
+    fn node(&self, idx: usize) -> &Node {
+        &self.nodes[idx % self.nodes.len()]
+    }
+
     fn source(&self, idx: usize, attempt: usize) -> Option<IpAddr> {
         if self.source_ips.is_empty() {
             None
@@ -346,10 +355,10 @@ enum Exit {
     Error(String),
 }
 
-fn build_get(cfg: &SubCfg, last_id: Option<&[u8]>) -> Vec<u8> {
+fn build_get(cfg: &SubCfg, node: &Node, last_id: Option<&[u8]>) -> Vec<u8> {
     let mut req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: taskstream-bench\r\n",
-        cfg.path, cfg.host
+        cfg.path, node.host
     )
     .into_bytes();
     if let Some(id) = last_id {
@@ -361,17 +370,46 @@ fn build_get(cfg: &SubCfg, last_id: Option<&[u8]>) -> Vec<u8> {
     req
 }
 
+/// A connected subscriber's source of events.
+enum Link {
+    Sse {
+        stream: TcpStream,
+        conn: Conn,
+    },
+    /// A `/ws` client, subscribed; `last_id` is the id of the last event or reset it got.
+    Ws {
+        socket: Box<WebSocketStream<TcpStream>>,
+        last_id: Vec<u8>,
+    },
+}
+
+impl Link {
+    fn last_id(&self) -> &[u8] {
+        match self {
+            Link::Sse { conn, .. } => conn.sse.last_id(),
+            Link::Ws { last_id, .. } => last_id,
+        }
+    }
+}
+
+/// Connects subscriber `idx` and reads its response head (the `101` of a WebSocket handshake,
+/// after which it sends its `subscribe`). Also returns the body bytes read with the head.
 async fn open(
     cfg: &SubCfg,
+    idx: usize,
     src: Option<IpAddr>,
     last_id: Option<&[u8]>,
-) -> Result<(TcpStream, ResponseHead, Vec<u8>)> {
+) -> Result<(Link, ResponseHead, Vec<u8>)> {
+    let node = cfg.node(idx);
     let fut = async {
-        let mut stream = http::connect(cfg.addr, src)
+        let mut stream = http::connect(node.addr, src)
             .await
             .map_err(|e| anyhow!("connect: {e}"))?;
+        if cfg.transport == Transport::Ws {
+            return open_ws(stream, node, last_id).await;
+        }
         stream
-            .write_all(&build_get(cfg, last_id))
+            .write_all(&build_get(cfg, node, last_id))
             .await
             .map_err(|e| anyhow!("write request: {e}"))?;
         let mut buf = Vec::with_capacity(2048);
@@ -390,7 +428,8 @@ async fn open(
             }
             if let Some((head, used)) = http::parse_head(&buf)? {
                 let rest = buf.split_off(used);
-                return Ok((stream, head, rest));
+                let conn = Conn::new(&head);
+                return Ok((Link::Sse { stream, conn }, head, rest));
             }
         }
     };
@@ -398,6 +437,75 @@ async fn open(
         Ok(r) => r,
         Err(_) => bail!("no response head within {:?}", cfg.head_timeout),
     }
+}
+
+async fn open_ws(
+    stream: TcpStream,
+    node: &Node,
+    last_id: Option<&[u8]>,
+) -> Result<(Link, ResponseHead, Vec<u8>)> {
+    use tokio_tungstenite::tungstenite::Error;
+    let url = format!("ws://{}/ws", node.host);
+    let (mut socket, response) = match tokio_tungstenite::client_async(url, stream).await {
+        Ok(open) => open,
+        Err(Error::Http(refused)) => bail!("status {}", refused.status().as_u16()),
+        Err(e) => bail!("WebSocket handshake: {e}"),
+    };
+    let head = ResponseHead {
+        status: response.status().as_u16(),
+        headers: response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+            .collect(),
+    };
+    // Ids are the server's own (digits and dashes): no JSON escaping needed.
+    let subscribe = match last_id {
+        Some(id) => format!(
+            r#"{{"type":"subscribe","last_event_id":"{}"}}"#,
+            String::from_utf8_lossy(id)
+        ),
+        None => r#"{"type":"subscribe"}"#.to_string(),
+    };
+    socket
+        .send(Message::Text(subscribe.into()))
+        .await
+        .map_err(|e| anyhow!("send subscribe: {e}"))?;
+    let link = Link::Ws {
+        socket: Box::new(socket),
+        last_id: last_id.map(<[u8]>::to_vec).unwrap_or_default(),
+    };
+    Ok((link, head, Vec::new()))
+}
+
+/// A `/ws` `event` or `reset` message as the SSE parser would give it; None for the other
+/// messages (heartbeat, compacted, ack, error).
+fn ws_event(text: &[u8]) -> Option<Event<'_>> {
+    fn quoted<'a>(text: &'a [u8], after: &[u8]) -> Option<(&'a [u8], usize)> {
+        let start = memchr::memmem::find(text, after)? + after.len();
+        let len = memchr::memchr(b'"', &text[start..])?;
+        Some((&text[start..start + len], start + len))
+    }
+    let (kind, _) = quoted(text, b"\"type\":\"")?;
+    if kind != b"event" && kind != b"reset" {
+        return None;
+    }
+    let (id, _) = quoted(text, b"\"id\":\"")?;
+    let (event, _) = quoted(text, b"\"event\":\"")?;
+    // An event message ends with its `data` object (src/routes/ws.rs writes it last); a reset's
+    // data is not read.
+    let data = if kind == b"event" {
+        let start = memchr::memmem::find(text, b"\"data\":")? + 7;
+        text.get(start..text.len().checked_sub(1)?)?
+    } else {
+        b"{}"
+    };
+    Some(Event {
+        kind: event,
+        data,
+        id,
+        had_id: true,
+    })
 }
 
 impl Conn {
@@ -469,8 +577,7 @@ fn flush_latencies(
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
-    stream: &mut TcpStream,
-    conn: &mut Conn,
+    link: &mut Link,
     tracker: &mut Tracker,
     initial: Vec<u8>,
     cfg: &SubCfg,
@@ -480,52 +587,95 @@ async fn read_loop(
     current: u8,
 ) -> Exit {
     let mut lat = Vec::with_capacity(64);
-    if !initial.is_empty() {
-        let now = now_ns();
-        let r = conn.process(&initial, tracker, cfg.run, now, &mut lat);
-        flush_latencies(shared, tracker, phase, &mut lat, now);
-        if let Err(e) = r {
-            return Exit::Error(e.to_string());
-        }
-    }
-    loop {
-        tokio::select! {
-            biased;
-            c = ctrl.changed() => {
-                let v = if c.is_err() { STOP } else { *ctrl.borrow_and_update() };
-                if v != current {
-                    return Exit::Ctrl(v);
-                }
-            }
-            r = stream.readable() => {
+    match link {
+        Link::Sse { stream, conn } => {
+            if !initial.is_empty() {
+                let now = now_ns();
+                let r = conn.process(&initial, tracker, cfg.run, now, &mut lat);
+                flush_latencies(shared, tracker, phase, &mut lat, now);
                 if let Err(e) = r {
                     return Exit::Error(e.to_string());
                 }
-                loop {
-                    let res = SCRATCH.with(|s| {
-                        let mut s = s.borrow_mut();
-                        match stream.try_read(&mut s) {
-                            Ok(0) => Ok(0),
-                            Ok(n) => {
-                                let now = now_ns();
-                                let r = conn.process(&s[..n], tracker, cfg.run, now, &mut lat);
-                                flush_latencies(shared, tracker, phase, &mut lat, now);
-                                r.map(|_| n).map_err(|e| std::io::Error::other(e.to_string()))
-                            }
-                            Err(e) => Err(e),
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    c = ctrl.changed() => {
+                        if let Some(exit) = ctrl_exit(c, ctrl, current) {
+                            return exit;
                         }
-                    });
-                    match res {
-                        Ok(0) => return Exit::Eof,
-                        Ok(n) if n < 64 * 1024 => break,
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Exit::Error(e.to_string()),
+                    }
+                    r = stream.readable() => {
+                        if let Err(e) = r {
+                            return Exit::Error(e.to_string());
+                        }
+                        loop {
+                            let res = SCRATCH.with(|s| {
+                                let mut s = s.borrow_mut();
+                                match stream.try_read(&mut s) {
+                                    Ok(0) => Ok(0),
+                                    Ok(n) => {
+                                        let now = now_ns();
+                                        let r = conn.process(&s[..n], tracker, cfg.run, now, &mut lat);
+                                        flush_latencies(shared, tracker, phase, &mut lat, now);
+                                        r.map(|_| n).map_err(|e| std::io::Error::other(e.to_string()))
+                                    }
+                                    Err(e) => Err(e),
+                                }
+                            });
+                            match res {
+                                Ok(0) => return Exit::Eof,
+                                Ok(n) if n < 64 * 1024 => break,
+                                Ok(_) => continue,
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                Err(e) => return Exit::Error(e.to_string()),
+                            }
+                        }
                     }
                 }
             }
         }
+        Link::Ws { socket, last_id } => loop {
+            tokio::select! {
+                biased;
+                c = ctrl.changed() => {
+                    if let Some(exit) = ctrl_exit(c, ctrl, current) {
+                        return exit;
+                    }
+                }
+                message = socket.next() => match message {
+                    None | Some(Ok(Message::Close(_))) => return Exit::Eof,
+                    Some(Err(e)) => return Exit::Error(e.to_string()),
+                    Some(Ok(Message::Text(text))) => {
+                        let now = now_ns();
+                        if let Some(ev) = ws_event(text.as_bytes()) {
+                            last_id.clear();
+                            last_id.extend_from_slice(ev.id);
+                            if let Some(l) = tracker.on_event(&ev, cfg.run, now) {
+                                lat.push(l);
+                            }
+                        }
+                        flush_latencies(shared, tracker, phase, &mut lat, now);
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        },
     }
+}
+
+/// What a change of the controller's signal means for a connection in state `current`.
+fn ctrl_exit(
+    changed: Result<(), watch::error::RecvError>,
+    ctrl: &mut watch::Receiver<u8>,
+    current: u8,
+) -> Option<Exit> {
+    let v = if changed.is_err() {
+        STOP
+    } else {
+        *ctrl.borrow_and_update()
+    };
+    (v != current).then_some(Exit::Ctrl(v))
 }
 
 async fn wait_ctrl(ctrl: &mut watch::Receiver<u8>, current: u8) -> u8 {
@@ -598,9 +748,9 @@ pub async fn run_sub(
     let mut res = SubResult::default();
     let opened = {
         let _permit = sem.acquire().await;
-        open(&cfg, cfg.source(idx, 0), None).await
+        open(&cfg, idx, cfg.source(idx, 0), None).await
     };
-    let (mut stream, head, rest) = match opened {
+    let (mut link, head, rest) = match opened {
         Ok(x) => x,
         Err(e) => {
             res.error = Some(e.to_string());
@@ -613,21 +763,19 @@ pub async fn run_sub(
     };
     res.status = Some(head.status);
     check_head(&mut res, &head);
-    if head.status != 200 {
+    if head.status != cfg.transport.ok_status() {
         res.error = Some(format!("status {}", head.status));
         shared.failed.fetch_add(1, Ordering::Relaxed);
-        drop(stream);
+        drop(link);
         if wait_ctrl(&mut ctrl, RUN).await == DISCONNECT {
             shared.disconnected.fetch_add(1, Ordering::Relaxed);
         }
         return res;
     }
     shared.connected.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Conn::new(&head);
     let mut tracker = Tracker::new(&cfg, 0, 0);
     let exit = read_loop(
-        &mut stream,
-        &mut conn,
+        &mut link,
         &mut tracker,
         rest,
         &cfg,
@@ -637,7 +785,9 @@ pub async fn run_sub(
         RUN,
     )
     .await;
-    res.first_field_retry = conn.sse.first_field_retry;
+    if let Link::Sse { conn, .. } = &link {
+        res.first_field_retry = conn.sse.first_field_retry;
+    }
     res.phases
         .push(finish_phase(tracker, &exit, &shared, 0, cfg.storm_lo));
     let next = match exit {
@@ -649,21 +799,21 @@ pub async fn run_sub(
     }
     // Storm: drop the connection, wait for the signal, reconnect with the last
     // id we saw.
-    drop(stream);
+    let last_id = link.last_id().to_vec();
+    drop(link);
     shared.disconnected.fetch_add(1, Ordering::Relaxed);
     if wait_ctrl(&mut ctrl, DISCONNECT).await != RECONNECT {
         return res;
     }
-    let last_id = conn.sse.last_id().to_vec();
     let opened = {
         let _permit = match &storm_sem {
             Some(s) => Some(s.acquire().await),
             None => None,
         };
-        open(&cfg, cfg.source(idx, 1), Some(&last_id)).await
+        open(&cfg, idx, cfg.source(idx, 1), Some(&last_id)).await
     };
-    let (mut stream, head, rest) = match opened {
-        Ok(x) if x.1.status == 200 => x,
+    let (mut link, head, rest) = match opened {
+        Ok(x) if x.1.status == cfg.transport.ok_status() => x,
         Ok(x) => {
             res.storm_status = Some(x.1.status);
             res.storm_error = Some(format!("status {}", x.1.status));
@@ -681,11 +831,9 @@ pub async fn run_sub(
         .last_reconnect_ns
         .fetch_max(now_ns(), Ordering::Relaxed);
     shared.reconnected.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Conn::new(&head);
     let mut tracker = Tracker::new(&cfg, cfg.storm_lo, cfg.storm_replay);
     let exit = read_loop(
-        &mut stream,
-        &mut conn,
+        &mut link,
         &mut tracker,
         rest,
         &cfg,
@@ -711,8 +859,11 @@ mod tests {
 
     fn cfg(events: u64, back: u64, live: u64, publishers: usize) -> SubCfg {
         SubCfg {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            host: "127.0.0.1:1".into(),
+            nodes: vec![Node {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                host: "127.0.0.1:1".into(),
+            }],
+            transport: Transport::Sse,
             path: "/events".into(),
             run: 7,
             total_seq: events + back + live,
@@ -722,6 +873,27 @@ mod tests {
             source_ips: Vec::new(),
             head_timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn ws_event_reads_event_and_reset_messages_and_skips_the_others() {
+        let event =
+            br#"{"type":"event","id":"5-12","event":"task_updated","data":{"task_id":1,"data":{"seq":3}}}"#;
+        let ev = ws_event(event).expect("an event message");
+        assert_eq!(
+            (ev.id, ev.kind, ev.data),
+            (
+                &b"5-12"[..],
+                &b"task_updated"[..],
+                &br#"{"task_id":1,"data":{"seq":3}}"#[..]
+            )
+        );
+        // serde_json writes a reset's keys in alphabetical order.
+        let reset = br#"{"data":{"event":"reset","last_event_id":"5-20","reason":"gone"},"event":"reset","id":"5-20","type":"reset"}"#;
+        let ev = ws_event(reset).expect("a reset message");
+        assert_eq!((ev.id, ev.kind), (&b"5-20"[..], &b"reset"[..]));
+        assert!(ws_event(br#"{"type":"heartbeat","keep_alive_ms":15000}"#).is_none());
+        assert!(ws_event(br#"{"type":"ack","request_id":1,"event_id":"5-21"}"#).is_none());
     }
 
     #[test]
