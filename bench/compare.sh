@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Run the same SSE fan-out workloads against nchan (nginx + libnginx-mod-nchan)
-# and taskstream, one after the other, and print one markdown table.
+# Run the same SSE fan-out workloads against the bare-socket limit
+# (taskstream-bare, bench/src/bare.rs), nchan (nginx + libnginx-mod-nchan) and
+# taskstream, one after the other, and print one markdown table (with each
+# server's deliveries/s as a share of the bare server's).
 #
-#   bench/compare.sh                      # workloads a-f against both servers
+#   bench/compare.sh                      # workloads a-f against all three
 #   bench/compare.sh --workloads "a f"    # a subset ("smoke" is one too)
-#   bench/compare.sh --only taskstream    # one server (also: --only nchan)
+#   bench/compare.sh --only taskstream    # one server (also: nchan, bare, or "bare taskstream")
 #   bench/compare.sh --out DIR            # keep the JSON reports and logs in DIR
 #   bench/compare.sh --sweep "100 1000 10000"
 #       # instead of the workloads, for each subscriber count: "tput-N" (as a,
@@ -15,8 +17,8 @@
 # measured on a clean process) on a loopback port, and stopped afterwards.
 # Installs nothing: it says what is missing and stops.
 # Environment: TASKSTREAM_BIN (default target/release/taskstream),
-# BENCH_BIN (default: built with cargo), NCHAN_PORT (18090),
-# TASKSTREAM_PORT (18080), BUDGET (seconds for all runs, default 570; 1200
+# BENCH_BIN (default: built with cargo; BARE_BIN beside it), NCHAN_PORT (18090),
+# TASKSTREAM_PORT (18080), BARE_PORT (18070), BUDGET (seconds for all runs, default 570; 1200
 # with --sweep),
 # BENCH_ARGS (more taskstream-bench flags for every run, e.g. "--threads 2").
 set -euo pipefail
@@ -28,6 +30,7 @@ ONLY=""
 OUT=""
 NCHAN_PORT="${NCHAN_PORT:-18090}"
 TASKSTREAM_PORT="${TASKSTREAM_PORT:-18080}"
+BARE_PORT="${BARE_PORT:-18070}"
 TASKSTREAM_BIN="${TASKSTREAM_BIN:-$ROOT/target/release/taskstream}"
 NCHAN_MODULE="${NCHAN_MODULE:-/usr/lib/nginx/modules/ngx_nchan_module.so}"
 
@@ -42,7 +45,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-SERVERS="nchan taskstream"
+SERVERS="bare nchan taskstream"
 [ -n "$ONLY" ] && SERVERS="$ONLY"
 
 # ---- what is needed -------------------------------------------------------
@@ -72,6 +75,11 @@ if [ -z "${BENCH_BIN:-}" ]; then
     echo "building taskstream-bench (cargo build --release -p taskstream-bench)..." >&2
     (cd "$ROOT" && cargo build --release -q -p taskstream-bench)
     BENCH_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/taskstream-bench"
+fi
+BARE_BIN="${BARE_BIN:-$(dirname "$BENCH_BIN")/taskstream-bare}"
+if [[ " $SERVERS " == *" bare "* ]] && [ ! -x "$BARE_BIN" ]; then
+    echo "missing: $BARE_BIN (cargo build --release -p taskstream-bench builds it)" >&2
+    exit 3
 fi
 
 if [ -z "$OUT" ]; then
@@ -166,7 +174,8 @@ for server in $SERVERS; do
     case "$server" in
         nchan) port=$NCHAN_PORT ;;
         taskstream) port=$TASKSTREAM_PORT ;;
-        *) echo "unknown server $server (nchan or taskstream)" >&2; exit 2 ;;
+        bare) port=$BARE_PORT ;;
+        *) echo "unknown server $server (bare, nchan or taskstream)" >&2; exit 2 ;;
     esac
     if ! port_free "$port"; then
         echo "port $port is already in use; set ${server^^}_PORT" >&2
@@ -179,6 +188,10 @@ echo "reports and logs: $OUT" >&2
 # Workload by workload, each server in turn, so both see similar conditions.
 for w in $RUNS; do
     for server in $SERVERS; do
+        if [ "$server" = bare ] && [ "$w" = e ]; then
+            echo "=== skipping bare, workload e: the bare server keeps no history to resume from" >&2
+            continue
+        fi
         elapsed=$(($(date +%s) - START))
         cap=$(cap_for "$w")
         if [ $((elapsed + cap)) -gt "$BUDGET" ]; then
@@ -191,6 +204,7 @@ for w in $RUNS; do
         case "$server" in
             nchan) port=$NCHAN_PORT ;;
             taskstream) port=$TASKSTREAM_PORT ;;
+            bare) port=$BARE_PORT ;;
         esac
         echo "=== $server, workload $w (cap ${cap} s; ${elapsed} s so far, load $(cut -d' ' -f1 /proc/loadavg))" >&2
         json="$OUT/$server-$w.json"
@@ -206,6 +220,12 @@ for w in $RUNS; do
             "$BENCH_BIN" --target nchan "${common[@]}" \
                 2>"$OUT/$server-$w.log" || rc=$?
             stop_nchan "$w"
+        elif [ "$server" = bare ]; then
+            # The bench's taskstream requests are what the bare server speaks.
+            "$BENCH_BIN" --target taskstream --spawn-server "$BARE_BIN" \
+                --spawn-args "--bind 127.0.0.1:{port}" \
+                --server-log "$OUT/$server-$w.server.log" "${common[@]}" \
+                2>"$OUT/$server-$w.log" || rc=$?
         else
             "$BENCH_BIN" --target taskstream --spawn-server "$TASKSTREAM_BIN" \
                 --server-log "$OUT/$server-$w.server.log" "${common[@]}" \

@@ -802,6 +802,13 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
         reps.push(r);
     }
     reps.sort_by(|a, b| a.workload.cmp(&b.workload).then(a.label.cmp(&b.label)));
+    // The bare-socket peer (bench/src/bare.rs) is the practical limit: every other server's
+    // deliveries/s is also given as a share of it.
+    let limit: BTreeMap<&str, f64> = reps
+        .iter()
+        .filter(|r| r.label == "bare" && r.storm.is_none())
+        .map(|r| (r.workload.as_str(), r.delivery.deliveries_per_sec))
+        .collect();
     println!("| workload | server | subs | events | deliveries/s | e2e p50 ms | e2e p99 ms | publish p99 ms | RSS/sub | lost/dup/ooo | notes | tool CPU |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |");
     for r in &reps {
@@ -834,6 +841,11 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
             }
             None => (d.deliveries_per_sec, d.lost, d.duplicated, d.out_of_order),
         };
+        if let Some(&bare) = limit.get(r.workload.as_str()) {
+            if r.label != "bare" && r.storm.is_none() && bare > 0.0 {
+                notes.push(format!("{:.0} % of bare", dps / bare * 100.0));
+            }
+        }
         if r.connect.failed > 0 {
             notes.push(format!("{} subs failed", r.connect.failed));
         }
