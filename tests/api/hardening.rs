@@ -367,3 +367,128 @@ async fn a_request_pipelined_behind_a_closing_answer_is_not_served() {
     .await;
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer:?}");
 }
+
+type RawWs = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A WebSocket whose TCP connection comes from `source` (every 127.x address is this host), so
+/// one test can play several clients for the per-IP cap.
+async fn ws_from(server: &TestServer, source: [u8; 4]) -> RawWs {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let tcp = socket
+        .connect(address(server).parse().unwrap())
+        .await
+        .unwrap();
+    let url = server.url("/ws").replacen("http://", "ws://", 1);
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    ws
+}
+
+/// Sends the first fragment of a text message and never the rest: the finding's attack.
+async fn hold_fragment(ws: &mut RawWs, bytes: usize) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let fragment = Frame::message(vec![b'a'; bytes], OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(fragment)).await.unwrap();
+}
+
+/// Reads until the server's close frame: its code and reason, and when it came.
+async fn closed(ws: &mut RawWs) -> (Option<u16>, String, Instant) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("the server closes in time");
+        match next {
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame.map_or((None, String::new()), |f| {
+                    (Some(u16::from(f.code)), f.reason.to_string())
+                });
+                return (code, reason, Instant::now());
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return (None, String::new(), Instant::now()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websockets_that_never_subscribe_count_against_the_caps_and_are_closed_when_idle() {
+    use crate::helpers::WsClient;
+    let idle = Duration::from_secs(2);
+    let server = TestServer::start(&[
+        "--max-subscribers",
+        "6",
+        "--max-subscribers-per-ip",
+        "3",
+        "--ws-idle-timeout",
+        "2",
+    ])
+    .await;
+    let mut subscribed = WsClient::connect(&server).await;
+    subscribed.send(json!({"type": "subscribe"})).await;
+    let before = server.rss_bytes();
+    // 200 sockets from one IP, each with a 60 KiB unfinished fragment: before, all were taken in
+    // and held (about 286 kB each), with the caps at 5 and 3. Now the IP's 3 places hold 3.
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    for _ in 0..200 {
+        let mut ws = ws_from(&server, [127, 0, 0, 1]).await;
+        hold_fragment(&mut ws, 60 * 1024).await;
+        attackers.push(ws);
+    }
+    // Another IP takes the last 3 places under --max-subscribers; a third finds it full.
+    for _ in 0..3 {
+        let mut ws = ws_from(&server, [127, 0, 0, 2]).await;
+        hold_fragment(&mut ws, 60 * 1024).await;
+        attackers.push(ws);
+    }
+    let mut full = ws_from(&server, [127, 0, 0, 3]).await;
+    let (code, reason, _) = closed(&mut full).await;
+    assert_eq!(code, Some(1013), "{reason}");
+    assert!(reason.contains("too many subscribers"), "{reason}");
+    let mut refused = 0;
+    let mut held = Vec::new();
+    let ends = futures_util::future::join_all(attackers.iter_mut().map(closed)).await;
+    let peak = server.rss_bytes();
+    for (code, reason, at) in ends {
+        match code {
+            Some(1013) => {
+                assert!(reason.contains("too many open streams"), "{reason}");
+                refused += 1;
+            }
+            Some(1000) => held.push(at.duration_since(started)),
+            other => panic!("closed with {other:?} {reason:?}"),
+        }
+    }
+    assert_eq!((refused, held.len()), (198, 5), "one IP holds 3 places");
+    // The held ones were closed at the idle deadline, counted from their upgrade.
+    for after in &held {
+        assert!(
+            *after >= idle && *after < idle + PATIENCE / 3,
+            "closed after {after:?}"
+        );
+    }
+    let grown = peak.saturating_sub(before);
+    assert!(grown < 8 << 20, "RSS grew by {grown} bytes");
+    // A subscribed connection has no idle deadline, and the places came back.
+    subscribed
+        .send(json!({"type": "update_task", "request_id": 1, "task_id": 1}))
+        .await;
+    assert_eq!(subscribed.json().await["type"], "ack");
+    assert_eq!(subscribed.json().await["type"], "event");
+    let mut again = WsClient::connect(&server).await;
+    again.send(json!({"type": "subscribe"})).await;
+    again
+        .send(json!({"type": "update_task", "request_id": 2, "task_id": 2}))
+        .await;
+    assert_eq!(again.json().await["type"], "ack");
+}

@@ -79,6 +79,7 @@ impl RedisBackend {
             snapshot: Script::new(SNAPSHOT_LUA),
             max_len: config.buffer,
             idempotency_window_secs: config.idempotency_window,
+            max_tasks: config.max_tasks,
             following: AtomicBool::new(false),
             followed: tokio::sync::Notify::new(),
             metrics: metrics.clone(),
@@ -193,11 +194,13 @@ impl RedisBackend {
                 .map(Task::from_stored)
                 .transpose()
                 .map_err(|e| BackendError::Unavailable(format!("task {task_id}: {e}")))?;
-            let task = patch
-                .clone()
-                .apply(task_id.clone(), previous.as_ref(), now_rfc3339());
+            let task = Arc::new(patch.clone().apply(
+                task_id.clone(),
+                previous.as_ref(),
+                now_rfc3339(),
+            ));
             // A `Task` holds only strings, integers and a JSON map: serialising it cannot fail.
-            let task_json = serde_json::to_vec(&task).expect("a task always serialises");
+            let task_json = serde_json::to_vec(&*task).expect("a task always serialises");
             let mut invocation = store.update.prepare_invoke();
             invocation.key(STREAM_KEY).key(TASKS_KEY).key(HEAD_KEY);
             if let Some(key) = &idempotency_key {
@@ -209,7 +212,8 @@ impl RedisBackend {
                 .arg(&task_json)
                 .arg(Event::updated_data(&task))
                 .arg(store.max_len)
-                .arg(store.idempotency_window_secs);
+                .arg(store.idempotency_window_secs)
+                .arg(store.max_tasks);
             let reply: Vec<Value> = store.write(invocation.invoke_async(&mut conn)).await?;
             match (text(reply.first()), reply.get(1)) {
                 (Some(b"ok"), id) => {
@@ -221,6 +225,7 @@ impl RedisBackend {
                 }
                 (Some(b"again"), first) => return first_answer(first).map(Arc::new),
                 (Some(b"conflict"), _) => continue,
+                (Some(b"full"), _) => return Err(BackendError::Full(store.max_tasks)),
                 _ => return Err(unexpected("the update script", &reply)),
             }
         }
@@ -255,7 +260,7 @@ impl RedisBackend {
         }
     }
 
-    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
+    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Arc<Task>>, BackendError> {
         let mut conn = self.store.conn.clone();
         let stored: Option<Vec<u8>> = self
             .store
@@ -268,7 +273,7 @@ impl RedisBackend {
             .await?;
         stored
             .as_deref()
-            .map(Task::from_stored)
+            .map(|json| Task::from_stored(json).map(Arc::new))
             .transpose()
             .map_err(|e| BackendError::Unavailable(format!("task {task_id}: {e}")))
     }
@@ -296,9 +301,11 @@ impl RedisBackend {
             .chunks(2)
             .map(|pair| {
                 let json = text(pair.get(1)).unwrap_or_default();
-                Task::from_stored(json).map_err(|e| BackendError::Unavailable(e.to_string()))
+                Task::from_stored(json)
+                    .map(Arc::new)
+                    .map_err(|e| BackendError::Unavailable(e.to_string()))
             })
-            .collect::<Result<Vec<Task>, BackendError>>()?;
+            .collect::<Result<Vec<_>, BackendError>>()?;
         tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
         Ok(Snapshot {
             last_event_id,
