@@ -492,3 +492,156 @@ async fn websockets_that_never_subscribe_count_against_the_caps_and_are_closed_w
         .await;
     assert_eq!(again.json().await["type"], "ack");
 }
+
+#[tokio::test]
+async fn the_task_store_is_capped_and_updates_to_existing_tasks_still_pass() {
+    let server = TestServer::start(&["--max-tasks", "3"]).await;
+    for id in 1..=3 {
+        server.update(json!({"task_id": id})).await;
+    }
+    let (status, body) = server
+        .post(&json!({"task_id": 4, "title": "one too many"}))
+        .await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("--max-tasks") && error.contains('3'),
+        "{error}"
+    );
+    let (_, missing) = server.get_json("/tasks/4").await;
+    assert!(missing["error"].is_string(), "nothing stored: {missing}");
+    // Existing tasks still take updates, over HTTP and /ws alike; /ws refuses a new one too.
+    server
+        .update(json!({"task_id": 2, "title": "still fine"}))
+        .await;
+    let mut ws = crate::helpers::WsClient::connect(&server).await;
+    ws.send(json!({"type": "update_task", "request_id": 1, "task_id": 3}))
+        .await;
+    assert_eq!(ws.json().await["type"], "ack");
+    ws.send(json!({"type": "update_task", "request_id": 2, "task_id": "new"}))
+        .await;
+    let refused = ws.json().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("--max-tasks"),
+        "{refused}"
+    );
+    // A delete makes room.
+    let deleted = server
+        .client
+        .delete(server.url("/tasks/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    server.update(json!({"task_id": 4})).await;
+    let ids: Vec<Value> = crate::helpers::task_ids(&server.snapshot().await);
+    assert_eq!(ids, [json!(2), json!(3), json!(4)]);
+}
+
+/// The server's peak resident memory since the last `reset_peak_memory`, in bytes.
+fn peak_memory(server: &TestServer) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc status");
+    kib * 1024
+}
+
+/// Sets the peak to the current RSS (proc(5), clear_refs: "5").
+fn reset_peak_memory(server: &TestServer) {
+    std::fs::write(format!("/proc/{}/clear_refs", server.pid()), "5").unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_snapshots_share_the_tasks_instead_of_copying_the_store() {
+    // 100 tasks of 16 KiB: a 1.6 MB answer. Before, every snapshot copied the store, then built
+    // a JSON value and the whole answer from it (the peak rose 5 MiB for one reader, 6 for three);
+    // now a reader holds the shared tasks' pointers and one 32 KiB piece of the answer at a time.
+    // On Redis every read brings the tasks over the network, so there the bound is per read.
+    let server = TestServer::start(&[]).await;
+    let pad = "x".repeat(16 * 1024 - 16);
+    let ids: Vec<u64> = (1..=100).collect();
+    for batch in ids.chunks(16) {
+        futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|id| server.update(json!({"task_id": id, "data": {"pad": pad}}))),
+        )
+        .await;
+    }
+    let last = server.update(json!({"task_id": 1})).await;
+    let peak_growth = |readers: usize| {
+        reset_peak_memory(&server);
+        let before = server.rss_bytes();
+        let server = &server;
+        async move {
+            let snapshots =
+                futures_util::future::join_all((0..readers).map(|_| server.snapshot())).await;
+            (peak_memory(server).saturating_sub(before), snapshots)
+        }
+    };
+    let (one, _) = peak_growth(1).await;
+    let (eight, snapshots) = peak_growth(8).await;
+    if crate::helpers::on_redis() {
+        // Each read of Redis holds its reply and the tasks parsed from it; concurrent readers
+        // share one read, and at most two run at once.
+        assert!(
+            eight < 2 * one + (1 << 20),
+            "one snapshot raised the peak by {one} bytes, eight at once by {eight}"
+        );
+    } else {
+        assert!(
+            one < 1 << 20 && eight < 1 << 20,
+            "one snapshot raised the peak by {one} bytes, eight at once by {eight}"
+        );
+    }
+    for snapshot in snapshots {
+        assert_eq!(snapshot["last_event_id"], json!(last));
+        let tasks = snapshot["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 100);
+        assert_eq!(tasks[0]["version"], 2);
+        assert_eq!(tasks[99]["data"]["pad"].as_str().unwrap().len(), pad.len());
+    }
+}
+
+#[tokio::test]
+async fn the_idempotency_cache_is_bounded_in_bytes_not_only_in_keys() {
+    if crate::helpers::on_redis() || crate::helpers::on_sqlite() {
+        eprintln!("skipped: --idempotency-bytes bounds the memory backend's cache; Redis and SQLite keep keys in the store, by TTL");
+        return;
+    }
+    // 256 KiB of answers: about 15 of 16 KiB tasks. Before, the cache kept 100,000 keys whatever
+    // their size, so all 60 stayed (about 17 KB each).
+    let server = TestServer::start(&["--idempotency-bytes", "262144"]).await;
+    let pad = "x".repeat(16 * 1024 - 16);
+    let post = |key: String| {
+        server
+            .client
+            .post(server.url("/update_task"))
+            .header("idempotency-key", key)
+            .json(&json!({"task_id": 1, "data": {"pad": pad}}))
+            .send()
+    };
+    let mut first = Vec::new();
+    for n in 0..60 {
+        let answer: Value = post(format!("k{n}")).await.unwrap().json().await.unwrap();
+        first.push(answer["event_id"].as_str().unwrap().to_owned());
+    }
+    let replayed: Value = post("k59".into()).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        replayed["event_id"],
+        json!(first[59]),
+        "a recent key replays"
+    );
+    let forgotten: Value = post("k0".into()).await.unwrap().json().await.unwrap();
+    assert_ne!(
+        forgotten["event_id"],
+        json!(first[0]),
+        "the oldest key is forgotten once the answers pass 256 KiB"
+    );
+    assert_eq!(forgotten["task"]["version"], 61);
+}

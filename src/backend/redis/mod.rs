@@ -45,7 +45,35 @@ use store::{event_id, first_answer, parse_id, text, unexpected, Store};
 pub struct RedisBackend {
     store: Arc<Store>,
     hub: Arc<Hub>,
+    reads: Arc<SnapshotReads>,
 }
+
+/// Concurrent `GET /tasks` on a node share one read of Redis, so a snapshot's memory does not
+/// grow with its readers: a reader joins the read that has not started yet (it waits for the one
+/// running), never one already running, which could miss an update acknowledged before the
+/// reader arrived. At most two reads exist at once, however many readers wait.
+#[derive(Default)]
+struct SnapshotReads {
+    /// The read the next readers join, and its number.
+    next: std::sync::Mutex<Option<(u64, SharedRead)>>,
+    /// Held by the running read.
+    reading: Arc<tokio::sync::Mutex<()>>,
+    numbers: std::sync::atomic::AtomicU64,
+}
+
+impl SnapshotReads {
+    /// Read `number` has started: readers from now on wait for the next one.
+    fn started(&self, number: u64) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if next.as_ref().is_some_and(|(n, _)| *n == number) {
+            *next = None;
+        }
+    }
+}
+
+type SharedRead = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<Snapshot, String>>,
+>;
 
 impl RedisBackend {
     /// Connects lazily, so a node starts (degraded) while Redis is down, and spawns the reader.
@@ -94,7 +122,11 @@ impl RedisBackend {
             "redis: stream reader",
             reader::follow(store.clone(), hub.clone(), lifecycle.stopping()),
         );
-        Ok(RedisBackend { store, hub })
+        Ok(RedisBackend {
+            store,
+            hub,
+            reads: Arc::default(),
+        })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -279,37 +311,62 @@ impl RedisBackend {
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, BackendError> {
-        let store = &self.store;
-        let mut conn = store.conn.clone();
-        let reply: Vec<Value> = store
-            .read(
-                store
-                    .snapshot
-                    .key(TASKS_KEY)
-                    .key(HEAD_KEY)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        let (Some(head), Some(Value::Array(pairs))) = (text(reply.first()), reply.get(1)) else {
-            return Err(unexpected("the snapshot script", &reply));
+        use futures_util::FutureExt;
+        let read = {
+            // Each critical section is one take or put of the slot: a panic cannot break it.
+            let mut next = self.reads.next.lock().unwrap_or_else(|p| p.into_inner());
+            match &*next {
+                Some((_, read)) => read.clone(),
+                None => {
+                    let number = self.reads.numbers.fetch_add(1, Ordering::Relaxed);
+                    let (store, reads) = (self.store.clone(), self.reads.clone());
+                    let read = async move {
+                        let _reading = reads.reading.clone().lock_owned().await;
+                        reads.started(number);
+                        read_snapshot(&store).await.map_err(|e| e.to_string())
+                    }
+                    .boxed()
+                    .shared();
+                    *next = Some((number, read.clone()));
+                    read
+                }
+            }
         };
-        let last_event_id = match head {
-            b"" => None,
-            id => Some(parse_id(id).ok_or_else(|| unexpected("the head", &reply))?),
-        };
-        let mut tasks = pairs
-            .chunks(2)
-            .map(|pair| {
-                let json = text(pair.get(1)).unwrap_or_default();
-                Task::from_stored(json)
-                    .map(Arc::new)
-                    .map_err(|e| BackendError::Unavailable(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, BackendError>>()?;
-        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        Ok(Snapshot {
-            last_event_id,
-            tasks,
-        })
+        read.await.map_err(BackendError::Unavailable)
     }
+}
+
+/// Tasks and head, read together in one script.
+async fn read_snapshot(store: &Store) -> Result<Snapshot, BackendError> {
+    let mut conn = store.conn.clone();
+    let reply: Vec<Value> = store
+        .read(
+            store
+                .snapshot
+                .key(TASKS_KEY)
+                .key(HEAD_KEY)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+    let (Some(head), Some(Value::Array(pairs))) = (text(reply.first()), reply.get(1)) else {
+        return Err(unexpected("the snapshot script", &reply));
+    };
+    let last_event_id = match head {
+        b"" => None,
+        id => Some(parse_id(id).ok_or_else(|| unexpected("the head", &reply))?),
+    };
+    let mut tasks = pairs
+        .chunks(2)
+        .map(|pair| {
+            let json = text(pair.get(1)).unwrap_or_default();
+            Task::from_stored(json)
+                .map(Arc::new)
+                .map_err(|e| BackendError::Unavailable(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, BackendError>>()?;
+    tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    Ok(Snapshot {
+        last_event_id,
+        tasks,
+    })
 }
