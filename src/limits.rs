@@ -205,6 +205,23 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_secs(3)), 3);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_cleanup_forgets_idle_clients_in_the_background_and_stops_with_the_lifecycle() {
+        use clap::Parser;
+        let config = Config::parse_from(["taskstream", "--publish-rate", "1000"]);
+        let lifecycle = Lifecycle::new();
+        let limits = Limits::new(&config, Arc::new(Metrics::new()), &lifecycle);
+        limits.check_publish(Some("one-off"), None).unwrap();
+        let tracked = || limits.publish.as_ref().map(|limiter| limiter.len());
+        assert_eq!(tracked(), Some(1));
+        // The limiter's clock is real time (tokio's is paused): one publish at 1,000/s is
+        // forgotten once a millisecond has really passed.
+        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(RATE_CLEANUP_EVERY * 2).await;
+        assert_eq!(tracked(), Some(0), "forgotten without another publish");
+        lifecycle.stop(Duration::from_secs(1)).await;
+    }
+
     #[test]
     fn ip_slots_count_and_give_back() {
         let caps = Arc::new(SubscriberCaps {

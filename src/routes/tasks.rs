@@ -30,6 +30,7 @@ use serde_json::json;
          headers(("Retry-After" = u64, description = "whole seconds"))),
         (status = 503, description = "the store is unavailable; nothing was changed", body = crate::routes::schemas::ErrorBody,
          headers(("Retry-After" = u64, description = "whole seconds"))),
+        (status = 507, description = "a new task while the store holds --max-tasks; updates to existing tasks still pass", body = crate::routes::schemas::ErrorBody),
     )
 )]
 pub async fn update_task(
@@ -62,7 +63,7 @@ pub async fn update_task(
 
 #[utoipa::path(
     get, path = "/tasks", tag = "tasks",
-    description = "A snapshot of every task the caller may see, and the id of the last event it includes.",
+    description = "A snapshot of every task the caller may see, and the id of the last event it includes. Streamed (chunked) from the store's shared task values.",
     responses(
         (status = 200, description = "the snapshot", body = crate::routes::schemas::Snapshot),
         (status = 503, description = "the store is unavailable", body = crate::routes::schemas::ErrorBody),
