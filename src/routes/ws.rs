@@ -156,10 +156,6 @@ impl Connection {
         mut messages: AggregatedMessageStream,
     ) {
         let keep_alive = self.state.keep_alive;
-        let idle_timeout = self.state.service.limits().ws_idle_timeout;
-        let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let closing = self.state.hub().closing();
         let stop = match (access, places) {
             (Err(error), _) => close(CloseCode::Policy, &error.to_string()),
             (Ok(_), Err(refused)) => refused,
@@ -168,36 +164,7 @@ impl Connection {
                 self.ip_slot = ip_slot;
                 match self.send_heartbeat().await {
                     Err(stop) => stop,
-                    Ok(()) => {
-                        let expiry = token_expiry(&access);
-                        tokio::pin!(expiry);
-                        // Until it subscribes, a connection must send a message at least this
-                        // often: an unfinished fragmented message, pings and pongs do not count,
-                        // so a socket cannot hold its places and its fragment buffer for good.
-                        let mut idle_until = tokio::time::Instant::now() + idle_timeout;
-                        loop {
-                            let unsubscribed = self.subscription.is_none();
-                            let step = tokio::select! {
-                                _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
-                                () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
-                                () = tokio::time::sleep_until(idle_until), if unsubscribed => Err(close(
-                                    CloseCode::Normal,
-                                    &format!("no subscribe and no message within {} s", idle_timeout.as_secs()),
-                                )),
-                                message = messages.next() => {
-                                    if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) {
-                                        idle_until = tokio::time::Instant::now() + idle_timeout;
-                                    }
-                                    self.on_message(&access, message).await
-                                }
-                                delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
-                                _ = ping.tick() => self.on_ping_tick().await,
-                            };
-                            if let Err(stop) = step {
-                                break stop;
-                            }
-                        }
-                    }
+                    Ok(()) => self.serve(&access, &mut messages).await,
                 }
             }
         };
@@ -207,6 +174,43 @@ impl Connection {
         self.ip_slot = None;
         if let Stop(Some(reason)) = stop {
             let _ = tokio::time::timeout(keep_alive, self.session.close(Some(reason))).await;
+        }
+    }
+
+    /// Until the connection must stop: messages, deliveries, pings, expiry and shutdown.
+    async fn serve(&mut self, access: &Access, messages: &mut AggregatedMessageStream) -> Stop {
+        let keep_alive = self.state.keep_alive;
+        let idle_timeout = self.state.service.limits().ws_idle_timeout;
+        let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let closing = self.state.hub().closing();
+        let expiry = token_expiry(access);
+        tokio::pin!(expiry);
+        // Until it subscribes, a connection must send a message at least this often: pings,
+        // pongs and an unfinished fragmented message do not count, so a socket cannot hold its
+        // places and its fragment buffer for good.
+        let mut idle_until = tokio::time::Instant::now() + idle_timeout;
+        loop {
+            let unsubscribed = self.subscription.is_none();
+            let step = tokio::select! {
+                _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
+                () = tokio::time::sleep_until(idle_until), if unsubscribed => {
+                    let idle = format!("no subscribe and no message within {} s", idle_timeout.as_secs());
+                    Err(close(CloseCode::Normal, &idle))
+                }
+                message = messages.next() => {
+                    if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) {
+                        idle_until = tokio::time::Instant::now() + idle_timeout;
+                    }
+                    self.on_message(access, message).await
+                }
+                delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                _ = ping.tick() => self.on_ping_tick().await,
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
         }
     }
 
