@@ -105,6 +105,24 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_keys: u64,
 
+    /// Bytes the remembered Idempotency-Key answers may hold at most (each weighed by its key
+    /// and its task's JSON); the oldest are forgotten first beyond it.
+    #[arg(long, env = "TASKSTREAM_IDEMPOTENCY_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub idempotency_bytes: u64,
+
+    /// Tasks the store holds at most; beyond it a new task answers 507 (updates to existing
+    /// tasks and deletes still pass). On Redis the count is the cluster's.
+    #[arg(long, env = "TASKSTREAM_MAX_TASKS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tasks: u64,
+
+    /// Seconds a /ws connection may stay unsubscribed without sending a message; then it is
+    /// closed (1000). An unfinished fragmented message does not count as a message.
+    #[arg(long, env = "TASKSTREAM_WS_IDLE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ws_idle_timeout: u64,
+
     /// HTTP worker threads (default: one per CPU core).
     #[arg(long, env = "TASKSTREAM_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: Option<u16>,
@@ -247,6 +265,10 @@ impl Config {
 
     pub fn idempotency_window(&self) -> Duration {
         Duration::from_secs(self.idempotency_window)
+    }
+
+    pub fn ws_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.ws_idle_timeout)
     }
 
     pub fn request_timeout(&self) -> Duration {

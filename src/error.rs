@@ -51,6 +51,9 @@ pub enum ApiError {
     HeadersTooLarge(usize),
     #[error("the request body did not arrive within {0} seconds")]
     RequestTimeout(u64),
+    /// The store is at `--max-tasks`: the server's limit, not the client's rate, so not a 429.
+    #[error("{0}")]
+    InsufficientStorage(String),
 }
 
 impl ResponseError for ApiError {
@@ -67,6 +70,7 @@ impl ResponseError for ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -125,6 +129,7 @@ impl From<BackendError> for ApiError {
                 message: error.to_string(),
                 retry_after_secs: 1,
             },
+            BackendError::Full(_) => ApiError::InsufficientStorage(error.to_string()),
         }
     }
 }

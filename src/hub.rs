@@ -236,13 +236,7 @@ impl Hub {
         resume: Resume,
         filter: TaskFilter,
     ) -> Result<Subscription, SubscribeError> {
-        let count = self.subscribers.fetch_add(1, Ordering::AcqRel) + 1;
-        // From here on, dropping `slot` gives the place back, on every early return too.
-        let slot = SubscriberSlot { hub: self.clone() };
-        if count > self.max_subscribers {
-            self.metrics.rejected_subscribers.inc();
-            return Err(SubscribeError::Full(self.max_subscribers));
-        }
+        let slot = self.take_place()?;
         let inner = self.lock();
         let sender = inner.sender.as_ref().ok_or(SubscribeError::Closed)?;
         let live = BroadcastStream::new(sender.subscribe());
@@ -313,6 +307,19 @@ impl Hub {
         self.closed.clone()
     }
 
+    /// One place under `--max-subscribers`, given back when dropped: what a subscription holds,
+    /// and what a `/ws` connection holds from its upgrade until it subscribes.
+    pub fn take_place(self: &Arc<Self>) -> Result<SubscriberSlot, SubscribeError> {
+        let count = self.subscribers.fetch_add(1, Ordering::AcqRel) + 1;
+        // From here on, dropping `slot` gives the place back, on every early return too.
+        let slot = SubscriberSlot { hub: self.clone() };
+        if count > self.max_subscribers {
+            self.metrics.rejected_subscribers.inc();
+            return Err(SubscribeError::Full(self.max_subscribers));
+        }
+        Ok(slot)
+    }
+
     pub fn is_full(&self) -> bool {
         self.subscriber_count() >= self.max_subscribers
     }
@@ -323,7 +330,7 @@ impl Hub {
 }
 
 /// Holds one place under `--max-subscribers` for as long as it lives.
-struct SubscriberSlot {
+pub struct SubscriberSlot {
     hub: Arc<Hub>,
 }
 

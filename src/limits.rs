@@ -3,49 +3,56 @@
 //! side of them (header size, CORS) is in `middleware`.
 
 use crate::config::Config;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Past this many tracked clients the limiter forgets the ones whose allowance is full again, so
-/// a crowd of one-off clients cannot grow its memory without bound...
-const RATE_KEYS_BEFORE_CLEANUP: usize = 10_000;
-/// ...looking at most once every this many publishes, so the scan (linear in the clients
-/// tracked) never runs on every request when many clients are active.
-const RATE_CLEANUP_EVERY: u64 = 1024;
+/// How often the limiter forgets the clients whose allowance is full again, so a crowd of
+/// one-off clients cannot grow its memory without bound. In the background rather than inline in
+/// a publish, so no request pays for the scan (linear in the clients tracked).
+const RATE_CLEANUP_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Limits {
-    publish: Option<DefaultKeyedRateLimiter<String>>,
+    publish: Option<Arc<DefaultKeyedRateLimiter<String>>>,
     publish_rate: u32,
-    publishes: AtomicU64,
     clock: DefaultClock,
     subscribers: Arc<SubscriberCaps>,
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     /// How long a client may take to send a body (the head has actix's `client_request_timeout`).
     pub body_timeout: Duration,
+    /// How long a `/ws` connection may stay unsubscribed without sending a message.
+    pub ws_idle_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Limits {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Limits {
+    /// Starts the limiter's cleanup under `lifecycle` (only when a publish rate is set).
+    pub fn new(config: &Config, metrics: Arc<Metrics>, lifecycle: &Lifecycle) -> Limits {
         let publish = NonZeroU32::new(config.publish_rate).map(|rate| {
             let burst = config
                 .publish_burst
                 .and_then(NonZeroU32::new)
                 .unwrap_or(rate);
-            DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            Arc::new(DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            ))
         });
+        if let Some(limiter) = &publish {
+            lifecycle.spawn(
+                "limiter cleanup",
+                forget_idle_clients(limiter.clone(), lifecycle.stopping()),
+            );
+        }
         Limits {
             publish,
             publish_rate: config.publish_rate,
-            publishes: AtomicU64::new(0),
             clock: DefaultClock::default(),
             subscribers: Arc::new(SubscriberCaps {
                 per_ip: config.max_subscribers_per_ip as usize,
@@ -54,6 +61,7 @@ impl Limits {
             max_body_bytes: config.max_body_bytes as usize,
             max_header_bytes: config.max_header_bytes as usize,
             body_timeout: config.request_timeout(),
+            ws_idle_timeout: config.ws_idle_timeout(),
             metrics,
         }
     }
@@ -72,11 +80,6 @@ impl Limits {
             Some(subject) => format!("sub:{subject}"),
             None => format!("ip:{}", peer.map_or("unknown".into(), |ip| ip.to_string())),
         };
-        let publishes = self.publishes.fetch_add(1, Ordering::Relaxed);
-        if publishes.is_multiple_of(RATE_CLEANUP_EVERY) && limiter.len() > RATE_KEYS_BEFORE_CLEANUP
-        {
-            limiter.retain_recent();
-        }
         limiter.check_key(&key).map_err(|not_until| {
             self.metrics
                 .rate_limited
@@ -111,6 +114,25 @@ impl Limits {
                 retry_after_secs: 5,
             }
         })
+    }
+}
+
+/// Every `RATE_CLEANUP_EVERY` until the process stops: forgets the clients that could publish a
+/// full burst again, which is exactly what a forgotten client gets anyway.
+async fn forget_idle_clients(
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(RATE_CLEANUP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = every.tick() => {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
+        }
     }
 }
 
@@ -181,6 +203,23 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
         assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
         assert_eq!(whole_seconds(Duration::from_secs(3)), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cleanup_forgets_idle_clients_in_the_background_and_stops_with_the_lifecycle() {
+        use clap::Parser;
+        let config = Config::parse_from(["taskstream", "--publish-rate", "1000"]);
+        let lifecycle = Lifecycle::new();
+        let limits = Limits::new(&config, Arc::new(Metrics::new()), &lifecycle);
+        limits.check_publish(Some("one-off"), None).unwrap();
+        let tracked = || limits.publish.as_ref().map(|limiter| limiter.len());
+        assert_eq!(tracked(), Some(1));
+        // The limiter's clock is real time (tokio's is paused): one publish at 1,000/s is
+        // forgotten once a millisecond has really passed.
+        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(RATE_CLEANUP_EVERY * 2).await;
+        assert_eq!(tracked(), Some(0), "forgotten without another publish");
+        lifecycle.stop(Duration::from_secs(1)).await;
     }
 
     #[test]

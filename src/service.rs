@@ -152,7 +152,7 @@ impl Service {
         Ok(snapshot)
     }
 
-    pub async fn get(&self, access: &Access, task_id: TaskId) -> Result<Task, Refusal> {
+    pub async fn get(&self, access: &Access, task_id: TaskId) -> Result<Arc<Task>, Refusal> {
         // Refused before the lookup, so a 403 never tells whether the task exists.
         access.check_subscribe(&task_id)?;
         match self.backend.get(&task_id).await? {
@@ -170,7 +170,7 @@ fn visible(access: &Access, accepted: &Arc<Accepted>) -> Arc<Accepted> {
     }
     Arc::new(Accepted {
         event_id: accepted.event_id,
-        task: Task {
+        task: Arc::new(Task {
             task_id: task.task_id.clone(),
             status: None,
             title: None,
@@ -178,6 +178,6 @@ fn visible(access: &Access, accepted: &Arc<Accepted>) -> Arc<Accepted> {
             data: None,
             version: task.version,
             updated_at: task.updated_at.clone(),
-        },
+        }),
     })
 }

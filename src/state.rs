@@ -1,7 +1,10 @@
 //! `AppState`: what every handler shares, built once from the flags.
 
 use crate::auth::Authenticator;
-use crate::backend::{memory::MemoryBackend, redis::RedisBackend, sqlite::SqliteBackend, Backend};
+use crate::backend::{
+    memory::IdempotencyBounds, memory::MemoryBackend, redis::RedisBackend, sqlite::SqliteBackend,
+    Backend,
+};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -46,8 +49,12 @@ impl AppState {
                             config.max_subscribers as usize,
                             metrics.clone(),
                         )),
-                        config.idempotency_window(),
-                        config.idempotency_keys,
+                        IdempotencyBounds {
+                            window: config.idempotency_window(),
+                            keys: config.idempotency_keys,
+                            bytes: config.idempotency_bytes,
+                        },
+                        config.max_tasks,
                     ))
                 }
                 Some(url) => Backend::Redis(
@@ -65,7 +72,7 @@ impl AppState {
             (None, None) => None,
         };
         Ok(AppState {
-            service: Service::new(backend, Limits::new(config, metrics.clone())),
+            service: Service::new(backend, Limits::new(config, metrics.clone(), lifecycle)),
             metrics,
             retry: config.retry(),
             keep_alive: config.keep_alive(),

@@ -12,17 +12,21 @@ use crate::task::{Task, TaskId, TaskPatch};
 use std::sync::Arc;
 
 /// A stored update: what `POST /update_task` answers (again, for a repeated Idempotency-Key).
+/// The task is the store's own value, shared: an answer (and a remembered key) costs a pointer
+/// for as long as that version is the current one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
     pub event_id: EventId,
-    pub task: Task,
+    pub task: Arc<Task>,
 }
 
-/// A consistent snapshot: every task as of `last_event_id` (`None` before the first event).
+/// A consistent snapshot: every task as of `last_event_id` (`None` before the first event). The
+/// tasks are the store's immutable values, shared: a snapshot costs a pointer per task however
+/// many readers take one at once.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub last_event_id: Option<EventId>,
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<Arc<Task>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,9 @@ pub enum BackendError {
     /// The store cannot be reached; nothing was changed.
     #[error("{0}")]
     Unavailable(String),
+    /// A new task past `--max-tasks`; updates to existing tasks still pass.
+    #[error("the store holds its limit of {0} tasks (--max-tasks): a new task is refused until one is deleted; existing tasks can still be updated")]
+    Full(u64),
 }
 
 pub enum Backend {
@@ -88,7 +95,7 @@ impl Backend {
         idempotency_key: Option<String>,
     ) -> Result<Arc<Accepted>, BackendError> {
         match self {
-            Backend::Memory(memory) => Ok(memory.update(task_id, patch, idempotency_key)),
+            Backend::Memory(memory) => memory.update(task_id, patch, idempotency_key),
             Backend::Redis(redis) => redis.update(task_id, patch, idempotency_key).await,
             Backend::Sqlite(sqlite) => sqlite.update(task_id, patch, idempotency_key).await,
         }
@@ -117,7 +124,7 @@ impl Backend {
         }
     }
 
-    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
+    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Arc<Task>>, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),
             Backend::Redis(redis) => redis.get(task_id).await,

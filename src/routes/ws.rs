@@ -3,7 +3,7 @@
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::event::{Event, EventId};
-use crate::hub::{Delivery, EndReason, Resume, SubscribeError, Subscription};
+use crate::hub::{Delivery, EndReason, Resume, SubscribeError, SubscriberSlot, Subscription};
 use crate::limits::IpSlot;
 use crate::middleware::peer_ip;
 use crate::routes::connection::{peer, ConnectionLog};
@@ -38,20 +38,28 @@ pub async fn ws(
     crate::origin::check_ws_origin(&req, &origins)?;
     let (response, session, messages) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::BadRequest(format!("GET /ws needs a WebSocket upgrade: {e}")))?;
-    // Frames (and fragmented messages) above twice `--max-body-bytes` are refused by the codec,
-    // which closes with 1009; messages above the limit but below that get an `error` message and
-    // the connection stays open, like a `413` on `POST /update_task`.
-    let max_frame = 2 * state.service.limits().max_body_bytes;
+    // A frame above twice `--max-body-bytes` is refused by the codec, which closes with 1009; a
+    // single frame above the limit but below that gets an `error` message and the connection
+    // stays open, like a `413` on `POST /update_task`. A fragmented message is buffered until
+    // its last frame, so its buffer is bounded by the limit itself (1009 past it): an unfinished
+    // one costs at most `--max-body-bytes`.
+    let max_body = state.service.limits().max_body_bytes;
     let messages = messages
-        .max_frame_size(max_frame)
+        .max_frame_size(2 * max_body)
         .aggregate_continuations()
-        .max_continuation_size(max_frame);
+        .max_continuation_size(max_body);
     let heartbeat = form_urlencoded::parse(req.query_string().as_bytes())
         .any(|(key, value)| key == "heartbeat" && matches!(value.as_ref(), "1" | "true"))
         .then(|| heartbeat_ws_message(state.keep_alive));
     // A refused upgrade shows in a browser only as close 1006, which looks like "retry"; so the
     // upgrade goes through and an auth failure is the close code 1008 with the reason.
     let access = Access::extract(&req).await;
+    // The connection counts against both caps from the upgrade, not from its subscribe: one
+    // that never subscribes costs as much as one that does.
+    let places = match &access {
+        Ok(_) => take_places(&state, &req),
+        Err(_) => Err(Stop(None)),
+    };
     let log = ConnectionLog::open(
         "websocket client",
         peer(&req),
@@ -70,13 +78,32 @@ pub async fn ws(
         req,
         session,
         subscription: None,
+        place: None,
         ip_slot: None,
         unanswered_pings: 0,
         heartbeat,
         log,
     };
-    actix_web::rt::spawn(connection.run(access, messages));
+    actix_web::rt::spawn(connection.run(access, places, messages));
     Ok(response)
+}
+
+/// A place under `--max-subscribers` and one under `--max-subscribers-per-ip`, or the close that
+/// refuses the connection (1013, as a full hub always did).
+fn take_places(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<(SubscriberSlot, Option<IpSlot>), Stop> {
+    let place = state
+        .hub()
+        .take_place()
+        .map_err(|_| close(CloseCode::Again, "too many subscribers"))?;
+    let ip_slot = state
+        .service
+        .limits()
+        .subscriber_slot(peer_ip(req))
+        .map_err(|limited| close(CloseCode::Again, &limited.message))?;
+    Ok((place, ip_slot))
 }
 
 /// RFC 6455 7.4.1: 1009 for a message too big to process, 1007 for text that is not UTF-8; 1002
@@ -100,7 +127,9 @@ struct Connection {
     req: HttpRequest,
     session: Session,
     subscription: Option<Subscription>,
-    /// Its place under `--max-subscribers-per-ip` while subscribed.
+    /// Its place under `--max-subscribers` while it has no subscription (which holds its own).
+    place: Option<SubscriberSlot>,
+    /// Its place under `--max-subscribers-per-ip`, from the upgrade to the end.
     ip_slot: Option<IpSlot>,
     unanswered_pings: u32,
     /// `?heartbeat=1`: a message the page can see on every ping (browsers hide pings from JS),
@@ -123,40 +152,65 @@ impl Connection {
     async fn run(
         mut self,
         access: Result<Access, ApiError>,
+        places: Result<(SubscriberSlot, Option<IpSlot>), Stop>,
         mut messages: AggregatedMessageStream,
     ) {
         let keep_alive = self.state.keep_alive;
-        let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let closing = self.state.hub().closing();
-        let stop = match access {
-            Err(error) => close(CloseCode::Policy, &error.to_string()),
-            Ok(_) if self.state.hub().is_full() => close(CloseCode::Again, "too many subscribers"),
-            Ok(access) => match self.send_heartbeat().await {
-                Err(stop) => stop,
-                Ok(()) => {
-                    let expiry = token_expiry(&access);
-                    tokio::pin!(expiry);
-                    loop {
-                        let step = tokio::select! {
-                            _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
-                            () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
-                            message = messages.next() => self.on_message(&access, message).await,
-                            delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
-                            _ = ping.tick() => self.on_ping_tick().await,
-                        };
-                        if let Err(stop) = step {
-                            break stop;
-                        }
-                    }
+        let stop = match (access, places) {
+            (Err(error), _) => close(CloseCode::Policy, &error.to_string()),
+            (Ok(_), Err(refused)) => refused,
+            (Ok(access), Ok((place, ip_slot))) => {
+                self.place = Some(place);
+                self.ip_slot = ip_slot;
+                match self.send_heartbeat().await {
+                    Err(stop) => stop,
+                    Ok(()) => self.serve(&access, &mut messages).await,
                 }
-            },
+            }
         };
         // Free the hub place before the close handshake, which a dead client never finishes.
         self.subscription = None;
+        self.place = None;
         self.ip_slot = None;
         if let Stop(Some(reason)) = stop {
             let _ = tokio::time::timeout(keep_alive, self.session.close(Some(reason))).await;
+        }
+    }
+
+    /// Until the connection must stop: messages, deliveries, pings, expiry and shutdown.
+    async fn serve(&mut self, access: &Access, messages: &mut AggregatedMessageStream) -> Stop {
+        let keep_alive = self.state.keep_alive;
+        let idle_timeout = self.state.service.limits().ws_idle_timeout;
+        let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let closing = self.state.hub().closing();
+        let expiry = token_expiry(access);
+        tokio::pin!(expiry);
+        // Until it subscribes, a connection must send a message at least this often: pings,
+        // pongs and an unfinished fragmented message do not count, so a socket cannot hold its
+        // places and its fragment buffer for good.
+        let mut idle_until = tokio::time::Instant::now() + idle_timeout;
+        loop {
+            let unsubscribed = self.subscription.is_none();
+            let step = tokio::select! {
+                _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
+                () = tokio::time::sleep_until(idle_until), if unsubscribed => {
+                    let idle = format!("no subscribe and no message within {} s", idle_timeout.as_secs());
+                    Err(close(CloseCode::Normal, &idle))
+                }
+                message = messages.next() => {
+                    if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) {
+                        idle_until = tokio::time::Instant::now() + idle_timeout;
+                    }
+                    self.on_message(access, message).await
+                }
+                delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                _ = ping.tick() => self.on_ping_tick().await,
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
         }
     }
 
@@ -295,21 +349,25 @@ impl Connection {
                 format!("unknown field `{unknown}` in subscribe; allowed: task_ids, last_event_id");
             return self.send_error(request_id, error).await;
         }
-        // The old subscription's places are given back before the new one takes them.
+        // The connection's hub place (or its old subscription's) is given back just before the
+        // new subscription takes one; its per-IP place it keeps, so no peer is passed.
         self.subscription = None;
-        self.ip_slot = None;
+        self.place = None;
         let opened = self
             .state
             .service
-            .subscribe(access, peer_ip(&self.req), resume, ids)
+            .subscribe(access, None, resume, ids)
             .await;
+        if opened.is_err() {
+            // Unsubscribed again: the connection holds a place of its own until it subscribes.
+            match self.state.hub().take_place() {
+                Ok(place) => self.place = Some(place),
+                Err(_) => return Err(close(CloseCode::Again, "too many subscribers")),
+            }
+        }
         match opened {
-            Ok(Open {
-                subscription,
-                ip_slot,
-            }) => {
+            Ok(Open { subscription, .. }) => {
                 self.subscription = Some(subscription);
-                self.ip_slot = ip_slot;
                 Ok(())
             }
             Err(Refusal::Limited(limited)) => Err(close(CloseCode::Again, &limited.message)),
@@ -338,7 +396,7 @@ impl Connection {
                     "type": "ack",
                     "request_id": request_id,
                     "event_id": accepted.event_id,
-                    "task": accepted.task,
+                    "task": &*accepted.task,
                 });
                 self.send(ack.to_string().into()).await
             }

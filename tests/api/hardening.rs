@@ -367,3 +367,281 @@ async fn a_request_pipelined_behind_a_closing_answer_is_not_served() {
     .await;
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer:?}");
 }
+
+type RawWs = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A WebSocket whose TCP connection comes from `source` (every 127.x address is this host), so
+/// one test can play several clients for the per-IP cap.
+async fn ws_from(server: &TestServer, source: [u8; 4]) -> RawWs {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let tcp = socket
+        .connect(address(server).parse().unwrap())
+        .await
+        .unwrap();
+    let url = server.url("/ws").replacen("http://", "ws://", 1);
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    ws
+}
+
+/// Sends the first fragment of a text message and never the rest: the finding's attack.
+async fn hold_fragment(ws: &mut RawWs, bytes: usize) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let fragment = Frame::message(vec![b'a'; bytes], OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(fragment)).await.unwrap();
+}
+
+/// Reads until the server's close frame: its code and reason, and when it came.
+async fn closed(ws: &mut RawWs) -> (Option<u16>, String, Instant) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("the server closes in time");
+        match next {
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame.map_or((None, String::new()), |f| {
+                    (Some(u16::from(f.code)), f.reason.to_string())
+                });
+                return (code, reason, Instant::now());
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return (None, String::new(), Instant::now()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websockets_that_never_subscribe_count_against_the_caps_and_are_closed_when_idle() {
+    use crate::helpers::WsClient;
+    let idle = Duration::from_secs(2);
+    let server = TestServer::start(&[
+        "--max-subscribers",
+        "6",
+        "--max-subscribers-per-ip",
+        "3",
+        "--ws-idle-timeout",
+        "2",
+    ])
+    .await;
+    let mut subscribed = WsClient::connect(&server).await;
+    subscribed.send(json!({"type": "subscribe"})).await;
+    let before = server.rss_bytes();
+    // 200 sockets from one IP, each with a 60 KiB unfinished fragment: before, all were taken in
+    // and held (about 286 kB each), with the caps at 5 and 3. Now the IP's 3 places hold 3.
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    for _ in 0..200 {
+        let mut ws = ws_from(&server, [127, 0, 0, 1]).await;
+        hold_fragment(&mut ws, 60 * 1024).await;
+        attackers.push(ws);
+    }
+    // Another IP takes the last 3 places under --max-subscribers; a third finds it full.
+    for _ in 0..3 {
+        let mut ws = ws_from(&server, [127, 0, 0, 2]).await;
+        hold_fragment(&mut ws, 60 * 1024).await;
+        attackers.push(ws);
+    }
+    let mut full = ws_from(&server, [127, 0, 0, 3]).await;
+    let (code, reason, _) = closed(&mut full).await;
+    assert_eq!(code, Some(1013), "{reason}");
+    assert!(reason.contains("too many subscribers"), "{reason}");
+    let mut refused = 0;
+    let mut held = Vec::new();
+    let ends = futures_util::future::join_all(attackers.iter_mut().map(closed)).await;
+    let peak = server.rss_bytes();
+    for (code, reason, at) in ends {
+        match code {
+            Some(1013) => {
+                assert!(reason.contains("too many open streams"), "{reason}");
+                refused += 1;
+            }
+            Some(1000) => held.push(at.duration_since(started)),
+            other => panic!("closed with {other:?} {reason:?}"),
+        }
+    }
+    assert_eq!((refused, held.len()), (198, 5), "one IP holds 3 places");
+    // The held ones were closed at the idle deadline, counted from their upgrade.
+    for after in &held {
+        assert!(
+            *after >= idle && *after < idle + PATIENCE / 3,
+            "closed after {after:?}"
+        );
+    }
+    let grown = peak.saturating_sub(before);
+    assert!(grown < 8 << 20, "RSS grew by {grown} bytes");
+    // A subscribed connection has no idle deadline, and the places came back.
+    subscribed
+        .send(json!({"type": "update_task", "request_id": 1, "task_id": 1}))
+        .await;
+    assert_eq!(subscribed.json().await["type"], "ack");
+    assert_eq!(subscribed.json().await["type"], "event");
+    let mut again = WsClient::connect(&server).await;
+    again.send(json!({"type": "subscribe"})).await;
+    again
+        .send(json!({"type": "update_task", "request_id": 2, "task_id": 2}))
+        .await;
+    assert_eq!(again.json().await["type"], "ack");
+}
+
+#[tokio::test]
+async fn the_task_store_is_capped_and_updates_to_existing_tasks_still_pass() {
+    let server = TestServer::start(&["--max-tasks", "3"]).await;
+    for id in 1..=3 {
+        server.update(json!({"task_id": id})).await;
+    }
+    let (status, body) = server
+        .post(&json!({"task_id": 4, "title": "one too many"}))
+        .await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("--max-tasks") && error.contains('3'),
+        "{error}"
+    );
+    let (_, missing) = server.get_json("/tasks/4").await;
+    assert!(missing["error"].is_string(), "nothing stored: {missing}");
+    // Existing tasks still take updates, over HTTP and /ws alike; /ws refuses a new one too.
+    server
+        .update(json!({"task_id": 2, "title": "still fine"}))
+        .await;
+    let mut ws = crate::helpers::WsClient::connect(&server).await;
+    ws.send(json!({"type": "update_task", "request_id": 1, "task_id": 3}))
+        .await;
+    assert_eq!(ws.json().await["type"], "ack");
+    ws.send(json!({"type": "update_task", "request_id": 2, "task_id": "new"}))
+        .await;
+    let refused = ws.json().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("--max-tasks"),
+        "{refused}"
+    );
+    // A delete makes room.
+    let deleted = server
+        .client
+        .delete(server.url("/tasks/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    server.update(json!({"task_id": 4})).await;
+    let ids: Vec<Value> = crate::helpers::task_ids(&server.snapshot().await);
+    assert_eq!(ids, [json!(2), json!(3), json!(4)]);
+}
+
+/// The server's peak resident memory since the last `reset_peak_memory`, in bytes.
+fn peak_memory(server: &TestServer) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc status");
+    kib * 1024
+}
+
+/// Sets the peak to the current RSS (proc(5), clear_refs: "5").
+fn reset_peak_memory(server: &TestServer) {
+    std::fs::write(format!("/proc/{}/clear_refs", server.pid()), "5").unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_snapshots_share_the_tasks_instead_of_copying_the_store() {
+    // 100 tasks of 16 KiB: a 1.6 MB answer. Before, every snapshot copied the store, then built
+    // a JSON value and the whole answer from it (the peak rose 5 MiB for one reader, 6 for three);
+    // now a reader holds the shared tasks' pointers and one 32 KiB piece of the answer at a time.
+    // On Redis every read brings the tasks over the network, so there the bound is per read.
+    let server = TestServer::start(&[]).await;
+    let pad = "x".repeat(16 * 1024 - 16);
+    let ids: Vec<u64> = (1..=100).collect();
+    for batch in ids.chunks(16) {
+        futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|id| server.update(json!({"task_id": id, "data": {"pad": pad}}))),
+        )
+        .await;
+    }
+    let last = server.update(json!({"task_id": 1})).await;
+    let peak_growth = |readers: usize| {
+        reset_peak_memory(&server);
+        let before = server.rss_bytes();
+        let server = &server;
+        async move {
+            let snapshots =
+                futures_util::future::join_all((0..readers).map(|_| server.snapshot())).await;
+            (peak_memory(server).saturating_sub(before), snapshots)
+        }
+    };
+    let (one, _) = peak_growth(1).await;
+    let (eight, snapshots) = peak_growth(8).await;
+    if crate::helpers::on_redis() {
+        // Each read of Redis holds its reply and the tasks parsed from it; concurrent readers
+        // share one read, and at most two run at once.
+        assert!(
+            eight < 2 * one + (1 << 20),
+            "one snapshot raised the peak by {one} bytes, eight at once by {eight}"
+        );
+    } else {
+        assert!(
+            one < 1 << 20 && eight < 1 << 20,
+            "one snapshot raised the peak by {one} bytes, eight at once by {eight}"
+        );
+    }
+    for snapshot in snapshots {
+        assert_eq!(snapshot["last_event_id"], json!(last));
+        let tasks = snapshot["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 100);
+        assert_eq!(tasks[0]["version"], 2);
+        assert_eq!(tasks[99]["data"]["pad"].as_str().unwrap().len(), pad.len());
+    }
+}
+
+#[tokio::test]
+async fn the_idempotency_cache_is_bounded_in_bytes_not_only_in_keys() {
+    if crate::helpers::on_redis() || crate::helpers::on_sqlite() {
+        eprintln!("skipped: --idempotency-bytes bounds the memory backend's cache; Redis and SQLite keep keys in the store, by TTL");
+        return;
+    }
+    // 256 KiB of answers: about 15 of 16 KiB tasks. Before, the cache kept 100,000 keys whatever
+    // their size, so all 60 stayed (about 17 KB each).
+    let server = TestServer::start(&["--idempotency-bytes", "262144"]).await;
+    let pad = "x".repeat(16 * 1024 - 16);
+    let post = |key: String| {
+        server
+            .client
+            .post(server.url("/update_task"))
+            .header("idempotency-key", key)
+            .json(&json!({"task_id": 1, "data": {"pad": pad}}))
+            .send()
+    };
+    let mut first = Vec::new();
+    for n in 0..60 {
+        let answer: Value = post(format!("k{n}")).await.unwrap().json().await.unwrap();
+        first.push(answer["event_id"].as_str().unwrap().to_owned());
+    }
+    let replayed: Value = post("k59".into()).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        replayed["event_id"],
+        json!(first[59]),
+        "a recent key replays"
+    );
+    let forgotten: Value = post("k0".into()).await.unwrap().json().await.unwrap();
+    assert_ne!(
+        forgotten["event_id"],
+        json!(first[0]),
+        "the oldest key is forgotten once the answers pass 256 KiB"
+    );
+    assert_eq!(forgotten["task"]["version"], 61);
+}

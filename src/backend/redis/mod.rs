@@ -45,7 +45,35 @@ use store::{event_id, first_answer, parse_id, text, unexpected, Store};
 pub struct RedisBackend {
     store: Arc<Store>,
     hub: Arc<Hub>,
+    reads: Arc<SnapshotReads>,
 }
+
+/// Concurrent `GET /tasks` on a node share one read of Redis, so a snapshot's memory does not
+/// grow with its readers: a reader joins the read that has not started yet (it waits for the one
+/// running), never one already running, which could miss an update acknowledged before the
+/// reader arrived. At most two reads exist at once, however many readers wait.
+#[derive(Default)]
+struct SnapshotReads {
+    /// The read the next readers join, and its number.
+    next: std::sync::Mutex<Option<(u64, SharedRead)>>,
+    /// Held by the running read.
+    reading: Arc<tokio::sync::Mutex<()>>,
+    numbers: std::sync::atomic::AtomicU64,
+}
+
+impl SnapshotReads {
+    /// Read `number` has started: readers from now on wait for the next one.
+    fn started(&self, number: u64) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if next.as_ref().is_some_and(|(n, _)| *n == number) {
+            *next = None;
+        }
+    }
+}
+
+type SharedRead = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<Snapshot, String>>,
+>;
 
 impl RedisBackend {
     /// Connects lazily, so a node starts (degraded) while Redis is down, and spawns the reader.
@@ -79,6 +107,7 @@ impl RedisBackend {
             snapshot: Script::new(SNAPSHOT_LUA),
             max_len: config.buffer,
             idempotency_window_secs: config.idempotency_window,
+            max_tasks: config.max_tasks,
             following: AtomicBool::new(false),
             followed: tokio::sync::Notify::new(),
             metrics: metrics.clone(),
@@ -93,7 +122,11 @@ impl RedisBackend {
             "redis: stream reader",
             reader::follow(store.clone(), hub.clone(), lifecycle.stopping()),
         );
-        Ok(RedisBackend { store, hub })
+        Ok(RedisBackend {
+            store,
+            hub,
+            reads: Arc::default(),
+        })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -193,11 +226,13 @@ impl RedisBackend {
                 .map(Task::from_stored)
                 .transpose()
                 .map_err(|e| BackendError::Unavailable(format!("task {task_id}: {e}")))?;
-            let task = patch
-                .clone()
-                .apply(task_id.clone(), previous.as_ref(), now_rfc3339());
+            let task = Arc::new(patch.clone().apply(
+                task_id.clone(),
+                previous.as_ref(),
+                now_rfc3339(),
+            ));
             // A `Task` holds only strings, integers and a JSON map: serialising it cannot fail.
-            let task_json = serde_json::to_vec(&task).expect("a task always serialises");
+            let task_json = serde_json::to_vec(&*task).expect("a task always serialises");
             let mut invocation = store.update.prepare_invoke();
             invocation.key(STREAM_KEY).key(TASKS_KEY).key(HEAD_KEY);
             if let Some(key) = &idempotency_key {
@@ -209,7 +244,8 @@ impl RedisBackend {
                 .arg(&task_json)
                 .arg(Event::updated_data(&task))
                 .arg(store.max_len)
-                .arg(store.idempotency_window_secs);
+                .arg(store.idempotency_window_secs)
+                .arg(store.max_tasks);
             let reply: Vec<Value> = store.write(invocation.invoke_async(&mut conn)).await?;
             match (text(reply.first()), reply.get(1)) {
                 (Some(b"ok"), id) => {
@@ -221,6 +257,7 @@ impl RedisBackend {
                 }
                 (Some(b"again"), first) => return first_answer(first).map(Arc::new),
                 (Some(b"conflict"), _) => continue,
+                (Some(b"full"), _) => return Err(BackendError::Full(store.max_tasks)),
                 _ => return Err(unexpected("the update script", &reply)),
             }
         }
@@ -255,7 +292,7 @@ impl RedisBackend {
         }
     }
 
-    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
+    pub async fn get(&self, task_id: &TaskId) -> Result<Option<Arc<Task>>, BackendError> {
         let mut conn = self.store.conn.clone();
         let stored: Option<Vec<u8>> = self
             .store
@@ -268,41 +305,68 @@ impl RedisBackend {
             .await?;
         stored
             .as_deref()
-            .map(Task::from_stored)
+            .map(|json| Task::from_stored(json).map(Arc::new))
             .transpose()
             .map_err(|e| BackendError::Unavailable(format!("task {task_id}: {e}")))
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, BackendError> {
-        let store = &self.store;
-        let mut conn = store.conn.clone();
-        let reply: Vec<Value> = store
-            .read(
-                store
-                    .snapshot
-                    .key(TASKS_KEY)
-                    .key(HEAD_KEY)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        let (Some(head), Some(Value::Array(pairs))) = (text(reply.first()), reply.get(1)) else {
-            return Err(unexpected("the snapshot script", &reply));
+        use futures_util::FutureExt;
+        let read = {
+            // Each critical section is one take or put of the slot: a panic cannot break it.
+            let mut next = self.reads.next.lock().unwrap_or_else(|p| p.into_inner());
+            match &*next {
+                Some((_, read)) => read.clone(),
+                None => {
+                    let number = self.reads.numbers.fetch_add(1, Ordering::Relaxed);
+                    let (store, reads) = (self.store.clone(), self.reads.clone());
+                    let read = async move {
+                        let _reading = reads.reading.clone().lock_owned().await;
+                        reads.started(number);
+                        read_snapshot(&store).await.map_err(|e| e.to_string())
+                    }
+                    .boxed()
+                    .shared();
+                    *next = Some((number, read.clone()));
+                    read
+                }
+            }
         };
-        let last_event_id = match head {
-            b"" => None,
-            id => Some(parse_id(id).ok_or_else(|| unexpected("the head", &reply))?),
-        };
-        let mut tasks = pairs
-            .chunks(2)
-            .map(|pair| {
-                let json = text(pair.get(1)).unwrap_or_default();
-                Task::from_stored(json).map_err(|e| BackendError::Unavailable(e.to_string()))
-            })
-            .collect::<Result<Vec<Task>, BackendError>>()?;
-        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        Ok(Snapshot {
-            last_event_id,
-            tasks,
-        })
+        read.await.map_err(BackendError::Unavailable)
     }
+}
+
+/// Tasks and head, read together in one script.
+async fn read_snapshot(store: &Store) -> Result<Snapshot, BackendError> {
+    let mut conn = store.conn.clone();
+    let reply: Vec<Value> = store
+        .read(
+            store
+                .snapshot
+                .key(TASKS_KEY)
+                .key(HEAD_KEY)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+    let (Some(head), Some(Value::Array(pairs))) = (text(reply.first()), reply.get(1)) else {
+        return Err(unexpected("the snapshot script", &reply));
+    };
+    let last_event_id = match head {
+        b"" => None,
+        id => Some(parse_id(id).ok_or_else(|| unexpected("the head", &reply))?),
+    };
+    let mut tasks = pairs
+        .chunks(2)
+        .map(|pair| {
+            let json = text(pair.get(1)).unwrap_or_default();
+            Task::from_stored(json)
+                .map(Arc::new)
+                .map_err(|e| BackendError::Unavailable(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, BackendError>>()?;
+    tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    Ok(Snapshot {
+        last_event_id,
+        tasks,
+    })
 }

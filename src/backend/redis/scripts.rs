@@ -20,16 +20,19 @@ pub(super) const MAX_ATTEMPTS: usize = 32;
 /// connections anyway (degraded).
 pub(super) const STARTUP_WAIT: Duration = Duration::from_secs(3);
 
-/// Appends an update: `{'ok', id}`, `{'again', first answer}` for a used Idempotency-Key, or
-/// `{'conflict'}` when the task changed since the caller read it (the caller reads and retries).
+/// Appends an update: `{'ok', id}`, `{'again', first answer}` for a used Idempotency-Key,
+/// `{'conflict'}` when the task changed since the caller read it (the caller reads and retries),
+/// or `{'full'}` for a new task when the hash already holds `--max-tasks` (the cluster's count,
+/// checked here so two nodes cannot both add the last one).
 /// KEYS: stream, tasks, head[, idempotency key]. ARGV: task id, the stored task JSON the update
-/// was computed from ('' for none), the new task JSON, the event data, MAXLEN, key TTL.
+/// was computed from ('' for none), the new task JSON, the event data, MAXLEN, key TTL, max tasks.
 pub(super) const UPDATE_LUA: &str = r"
 if KEYS[4] then
   local first = redis.call('GET', KEYS[4])
   if first then return {'again', first} end
 end
 if (redis.call('HGET', KEYS[2], ARGV[1]) or '') ~= ARGV[2] then return {'conflict'} end
+if ARGV[2] == '' and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[7]) then return {'full'} end
 local prev = redis.call('GET', KEYS[3]) or '0-0'
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
   'k', 'u', 't', ARGV[1], 'p', prev, 'd', ARGV[4])

@@ -25,6 +25,8 @@ pub(super) struct Store {
     pub(super) snapshot: Script,
     pub(super) max_len: u32,
     pub(super) idempotency_window_secs: u64,
+    /// `--max-tasks`, checked against the cluster's count inside the update script.
+    pub(super) max_tasks: u64,
     /// Whether the reader is connected and following the stream.
     pub(super) following: AtomicBool,
     /// Notified when the reader starts following.
@@ -103,7 +105,9 @@ pub(super) fn first_answer(value: Option<&Value>) -> Result<Accepted, BackendErr
         event_id: parse_id(id).ok_or_else(|| {
             BackendError::Unavailable("a stored idempotent answer is damaged".into())
         })?,
-        task: Task::from_stored(task).map_err(|e| BackendError::Unavailable(e.to_string()))?,
+        task: Task::from_stored(task)
+            .map(Arc::new)
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?,
     })
 }
 

@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     tombstones: u64,
     idempotency_window: u64,
     idempotency_keys: u64,
+    /// `--max-tasks`: the writer refuses a new task past it.
+    max_tasks: u64,
     /// Serialises the writer's and the housekeeper's transactions in-process: a waiting writer is
     /// woken at once instead of polling SQLite's busy handler.
     write_lock: Mutex<()>,
@@ -81,12 +83,13 @@ pub(crate) struct Shared {
 
 /// The committed state, as the hub has it: tasks and the newest seq change together.
 struct State {
-    tasks: BTreeMap<TaskId, Task>,
+    /// Immutable values, replaced on update: a snapshot shares them.
+    tasks: BTreeMap<TaskId, Arc<Task>>,
     head: u64,
 }
 
 pub(crate) enum TaskChange {
-    Set(Task),
+    Set(Arc<Task>),
     Remove(TaskId),
 }
 
@@ -326,6 +329,7 @@ impl SqliteBackend {
             tombstones: config.tombstones,
             idempotency_window: config.idempotency_window,
             idempotency_keys: config.idempotency_keys,
+            max_tasks: config.max_tasks,
             write_lock: Mutex::new(()),
             readers: Mutex::new(Vec::new()),
             housekeeper: Housekeeper::new(),
@@ -454,7 +458,7 @@ impl SqliteBackend {
         self.hub.subscribe(resume, filter)
     }
 
-    pub fn get(&self, task_id: &TaskId) -> Option<Task> {
+    pub fn get(&self, task_id: &TaskId) -> Option<Arc<Task>> {
         self.shared.lock().tasks.get(task_id).cloned()
     }
 
@@ -467,7 +471,7 @@ impl SqliteBackend {
     }
 }
 
-fn load_tasks(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskId, Task>> {
+fn load_tasks(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskId, Arc<Task>>> {
     let mut statement = conn.prepare("SELECT task_id, task FROM tasks")?;
     let mut rows = statement.query([])?;
     let mut tasks = BTreeMap::new();
@@ -478,7 +482,7 @@ fn load_tasks(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskId, Task>> {
             .ok()
             .and_then(|_| Task::from_stored(&json).ok())
             .ok_or_else(|| schema::damaged(format!("the stored task {id:?} is damaged")))?;
-        tasks.insert(task.task_id.clone(), task);
+        tasks.insert(task.task_id.clone(), Arc::new(task));
     }
     Ok(tasks)
 }

@@ -41,7 +41,7 @@ pub enum Request {
 enum Outcome {
     Update(
         oneshot::Sender<Result<Arc<Accepted>, BackendError>>,
-        Arc<Accepted>,
+        Result<Arc<Accepted>, BackendError>,
     ),
     Delete(
         oneshot::Sender<Result<EventId, BackendError>>,
@@ -65,7 +65,7 @@ impl Outcome {
 
     fn answer(self) {
         match self {
-            Outcome::Update(answer, accepted) => drop(answer.send(Ok(accepted))),
+            Outcome::Update(answer, accepted) => drop(answer.send(accepted)),
             Outcome::Delete(answer, result) => drop(answer.send(result)),
         }
     }
@@ -77,7 +77,9 @@ struct Batch {
     events: Vec<Arc<Event>>,
     changes: Vec<TaskChange>,
     /// The batch's own view of the tasks it changed (`None`: deleted in this batch).
-    pending: HashMap<TaskId, Option<Task>>,
+    pending: HashMap<TaskId, Option<Arc<Task>>>,
+    /// Tasks created minus tasks deleted so far in this batch, for `--max-tasks`.
+    added: i64,
     seq: u64,
 }
 
@@ -123,6 +125,7 @@ fn write_batch(conn: &mut Connection, shared: &Shared, hub: &Hub, queued: Vec<Re
         events: Vec::with_capacity(queued.len()),
         changes: Vec::with_capacity(queued.len()),
         pending: HashMap::new(),
+        added: 0,
         seq: committed_seq,
     };
     // The housekeeper trims under the same lock, between two batches.
@@ -195,18 +198,27 @@ fn apply(
                 if let Some(first) = first_answer(tx, shared, key)? {
                     batch
                         .outcomes
-                        .push(Outcome::Update(answer, Arc::new(first)));
+                        .push(Outcome::Update(answer, Ok(Arc::new(first))));
                     return Ok(());
                 }
             }
             let previous = current(shared, batch, &task_id);
-            let task = patch.apply(task_id.clone(), previous.as_ref(), now_rfc3339());
+            if previous.is_none() {
+                let stored = shared.lock().tasks.len() as i64 + batch.added;
+                if stored >= shared.max_tasks as i64 {
+                    let full = Err(BackendError::Full(shared.max_tasks));
+                    batch.outcomes.push(Outcome::Update(answer, full));
+                    return Ok(());
+                }
+                batch.added += 1;
+            }
+            let task = Arc::new(patch.apply(task_id.clone(), previous.as_deref(), now_rfc3339()));
             batch.seq += 1;
             let event_id = shared.id(batch.seq);
             let event = Arc::new(Event::updated(event_id, &task));
             let key = task_id.to_string();
             // A `Task` holds only strings, integers and a JSON map: serialising it cannot fail.
-            let json = serde_json::to_vec(&task).expect("a task always serialises");
+            let json = serde_json::to_vec(&*task).expect("a task always serialises");
             tx.prepare_cached(
                 "INSERT INTO events (seq, kind, task_id, data) VALUES (?1, 0, ?2, ?3)",
             )?
@@ -232,7 +244,7 @@ fn apply(
             batch.events.push(event);
             batch.outcomes.push(Outcome::Update(
                 answer,
-                Arc::new(Accepted { event_id, task }),
+                Ok(Arc::new(Accepted { event_id, task })),
             ));
         }
         Request::Delete { task_id, answer } => {
@@ -258,6 +270,7 @@ fn apply(
             )?
             .execute(params![key, batch.seq])?;
             batch.pending.insert(task_id.clone(), None);
+            batch.added -= 1;
             batch.changes.push(TaskChange::Remove(task_id));
             batch.events.push(event);
             batch.outcomes.push(Outcome::Delete(answer, Ok(event_id)));
@@ -268,7 +281,7 @@ fn apply(
 }
 
 /// The task as this batch would leave it so far.
-fn current(shared: &Shared, batch: &Batch, task_id: &TaskId) -> Option<Task> {
+fn current(shared: &Shared, batch: &Batch, task_id: &TaskId) -> Option<Arc<Task>> {
     match batch.pending.get(task_id) {
         Some(pending) => pending.clone(),
         None => shared.lock().tasks.get(task_id).cloned(),
@@ -294,7 +307,7 @@ fn first_answer(
     })?;
     Ok(Some(Accepted {
         event_id: shared.id(seq),
-        task,
+        task: Arc::new(task),
     }))
 }
 
