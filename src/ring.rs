@@ -1,7 +1,10 @@
-//! The bounded event log that replay reads: `since(id)` answers the events after `id`, or why not.
+//! The bounded event log that replay reads (`since(id)` answers the events after `id`, or why
+//! not), and `Latest`, the index of each task's latest event that a compacted catch-up reads.
 
-use crate::event::{Event, EventId};
-use std::collections::VecDeque;
+use crate::event::{Event, EventId, EventKind};
+use crate::task::TaskId;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Why a replay cannot be served, sent to the client in the `reset` event.
@@ -89,6 +92,112 @@ impl Ring {
 
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
+    }
+}
+
+/// Each task's latest event, ordered by id: the live tasks' latest `task_updated` (which carries
+/// the current task) and, for at most `max_tombstones` deletions, the `task_deleted` tombstone.
+/// Ids are unique, so an id orders one task's one entry; a range after a client's id is every task
+/// changed since, which is what a compacted catch-up sends.
+pub struct Latest {
+    by_id: BTreeMap<EventId, Arc<Event>>,
+    /// Where each task is in `by_id`, so its older entry goes when it changes again.
+    position: HashMap<TaskId, EventId>,
+    /// The ids of the tombstones kept, the oldest first out.
+    tombstones: BTreeSet<EventId>,
+    max_tombstones: usize,
+    /// The index is complete after this id: the newest dropped tombstone, so a client from before
+    /// it may have missed a deletion the index no longer knows.
+    floor: EventId,
+    /// The newest id pushed (or the id the index was seeded at).
+    head: EventId,
+}
+
+impl Latest {
+    pub fn new(max_tombstones: usize) -> Latest {
+        Latest {
+            by_id: BTreeMap::new(),
+            position: HashMap::new(),
+            tombstones: BTreeSet::new(),
+            max_tombstones: max_tombstones.max(1),
+            floor: EventId::START,
+            head: EventId::START,
+        }
+    }
+
+    /// Records `event` as its task's latest. Ids must increase.
+    pub fn push(&mut self, event: &Arc<Event>) {
+        debug_assert!(event.id > self.head || self.head == EventId::START);
+        if let Some(older) = self.position.insert(event.task_id.clone(), event.id) {
+            self.by_id.remove(&older);
+            self.tombstones.remove(&older);
+        }
+        self.by_id.insert(event.id, event.clone());
+        if event.kind == EventKind::TaskDeleted {
+            self.tombstones.insert(event.id);
+            while self.tombstones.len() > self.max_tombstones {
+                let Some(oldest) = self.tombstones.pop_first() else {
+                    break;
+                };
+                if let Some(dropped) = self.by_id.remove(&oldest) {
+                    self.position.remove(&dropped.task_id);
+                }
+                self.floor = self.floor.max(oldest);
+            }
+        }
+        self.head = self.head.max(event.id);
+    }
+
+    /// A store that keeps the index on disk loads it: the entries (any order), the newest dropped
+    /// tombstone's id and the newest id issued.
+    pub fn seed(&mut self, entries: impl IntoIterator<Item = Arc<Event>>, floor: EventId, head: EventId) {
+        let mut entries: Vec<_> = entries.into_iter().collect();
+        entries.sort_by_key(|e| e.id);
+        for entry in &entries {
+            self.push(entry);
+        }
+        self.floor = self.floor.max(floor);
+        self.head = self.head.max(head);
+    }
+
+    /// Whether a catch-up after `since` is complete from this index: `since` is no newer than
+    /// the head, not older than a dropped tombstone, and of this id space (the first group of a
+    /// store's ids is fixed per run or database; only `START` stands outside it).
+    pub fn placeable(&self, since: EventId) -> Result<(), ResetReason> {
+        if since > self.head {
+            return Err(ResetReason::Unknown);
+        }
+        if since != EventId::START && since.epoch != self.head.epoch {
+            return Err(ResetReason::Unknown);
+        }
+        if since < self.floor {
+            return Err(ResetReason::TooOld);
+        }
+        Ok(())
+    }
+
+    /// At most `limit` entries after `after`, oldest first.
+    pub fn page(&self, after: EventId, limit: usize) -> impl Iterator<Item = &Arc<Event>> {
+        self.by_id
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, event)| event)
+    }
+
+    pub fn head(&self) -> EventId {
+        self.head
+    }
+
+    pub fn floor(&self) -> EventId {
+        self.floor
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
     }
 }
 

@@ -41,11 +41,14 @@ impl AppState {
                 None => {
                     metrics.backend_up.set(1);
                     Backend::Memory(MemoryBackend::new(
-                        Arc::new(Hub::new(
-                            config.buffer as usize,
-                            config.max_subscribers as usize,
-                            metrics.clone(),
-                        )),
+                        Arc::new(
+                            Hub::new(
+                                config.buffer as usize,
+                                config.max_subscribers as usize,
+                                metrics.clone(),
+                            )
+                            .with_latest(config.tombstones as usize),
+                        ),
                         config.idempotency_window(),
                         config.idempotency_keys,
                     ))
