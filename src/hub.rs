@@ -1182,6 +1182,249 @@ mod tests {
         assert_ended(&drain(&mut sub), &mut sub, EndReason::Shutdown);
     }
 
+    /// A hub that keeps each task's latest event, as the memory backend builds it.
+    fn compacting_hub(buffer: usize, tombstones: usize) -> Arc<Hub> {
+        Arc::new(Hub::new(buffer, 100, Arc::new(Metrics::new())).with_latest(tombstones))
+    }
+
+    fn updated(seq: u64, task: u64, version: u64) -> Arc<Event> {
+        Arc::new(Event::updated(
+            EventId { epoch: 1, seq },
+            &crate::task::Task {
+                task_id: TaskId::Number(task),
+                status: None,
+                title: None,
+                assignee: None,
+                data: None,
+                version,
+                updated_at: "2026-12-02T00:00:00.000Z".into(),
+            },
+        ))
+    }
+
+    fn deleted(seq: u64, task: u64) -> Arc<Event> {
+        Arc::new(Event::deleted(EventId { epoch: 1, seq }, TaskId::Number(task)))
+    }
+
+    /// Task -> version: what a client holds.
+    type Model = std::collections::BTreeMap<TaskId, u64>;
+
+    fn apply(model: &mut Model, event: &Event) {
+        match event.kind {
+            crate::event::EventKind::TaskUpdated => {
+                let data: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+                model.insert(event.task_id.clone(), data["version"].as_u64().unwrap());
+            }
+            crate::event::EventKind::TaskDeleted => {
+                model.remove(&event.task_id);
+            }
+        }
+    }
+
+    #[test]
+    fn an_id_that_left_the_ring_gets_each_changed_tasks_latest_event_then_live() {
+        let hub = compacting_hub(4, 100);
+        hub.publish(updated(1, 1, 1));
+        hub.publish(updated(2, 2, 1));
+        hub.publish(updated(3, 1, 2));
+        hub.publish(deleted(4, 2));
+        hub.publish(updated(5, 3, 1));
+        (6..=9).for_each(|s| hub.publish(updated(s, 1, s)));
+        let mut sub = hub
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 1 }),
+                TaskFilter::all(),
+            )
+            .unwrap();
+        hub.publish(updated(10, 3, 2));
+        let got = drain(&mut sub);
+        assert!(
+            matches!(got[0], Delivery::Compacted { since, tasks: 3 } if since.seq == 1),
+            "{got:?}"
+        );
+        assert_eq!(seqs(&got), vec![4, 5, 9, 10], "2 deleted, 3 and 1 latest, then live");
+        assert_eq!(hub.metrics.catch_ups.with_label_values(&["compacted"]).get(), 1);
+    }
+
+    #[test]
+    fn the_filter_applies_to_the_compacted_catch_up_and_its_count() {
+        let hub = compacting_hub(2, 100);
+        (1..=6).for_each(|s| hub.publish(updated(s, s % 3, s)));
+        let filter = TaskFilter::ids(HashSet::from([TaskId::Number(1)]));
+        let mut sub = hub.subscribe(Resume::After(EventId::START), filter).unwrap();
+        let got = drain(&mut sub);
+        assert!(matches!(got[0], Delivery::Compacted { tasks: 1, .. }), "{got:?}");
+        assert_eq!(seqs(&got), vec![4]);
+    }
+
+    #[test]
+    fn an_id_older_than_a_dropped_tombstone_or_from_another_run_gets_a_reset() {
+        let hub = compacting_hub(2, 1);
+        hub.publish(updated(1, 1, 1));
+        hub.publish(updated(2, 2, 1));
+        hub.publish(deleted(3, 1));
+        hub.publish(deleted(4, 2)); // drops the tombstone at 3
+        hub.publish(updated(5, 3, 1));
+        for (since, reason) in [
+            (EventId { epoch: 1, seq: 2 }, ResetReason::TooOld),
+            (EventId { epoch: 0, seq: 4 }, ResetReason::Unknown),
+            (EventId { epoch: 1, seq: 9 }, ResetReason::Unknown),
+        ] {
+            let mut sub = hub.subscribe(Resume::After(since), TaskFilter::all()).unwrap();
+            let got = drain(&mut sub);
+            assert!(
+                matches!(got[..], [Delivery::Reset { newest, reason: r }] if newest.seq == 5 && r == reason),
+                "{since}: {got:?}"
+            );
+        }
+        let mut sub = hub
+            .subscribe(Resume::After(EventId { epoch: 1, seq: 3 }), TaskFilter::all())
+            .unwrap();
+        assert_eq!(seqs(&drain(&mut sub)), vec![4, 5], "the dropped tombstone's own id still places");
+    }
+
+    #[test]
+    fn a_storm_from_one_id_shares_one_computed_catch_up() {
+        let hub = compacting_hub(2, 100);
+        (1..=10).for_each(|s| hub.publish(updated(s, s % 4, s)));
+        let since = Resume::After(EventId { epoch: 1, seq: 1 });
+        let mut first = hub.subscribe(since, TaskFilter::all()).unwrap();
+        hub.publish(updated(11, 9, 1));
+        let mut second = hub.subscribe(since, TaskFilter::all()).unwrap();
+        let (a, b) = (drain(&mut first), drain(&mut second));
+        assert_eq!(hub.catch_ups.lock().unwrap().len(), 1, "one computation");
+        assert_eq!(seqs(&a), vec![7, 8, 9, 10, 11]);
+        assert_eq!(seqs(&b), seqs(&a), "the shared part, then 11 from the ring");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Update(u8),
+        Delete(u8),
+        /// Resume from the n-th event back (past the first: from the start).
+        Subscribe(u8),
+        Read(u8, u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            4 => (0u8..8).prop_map(Change::Update),
+            1 => (0u8..8).prop_map(Change::Delete),
+            1 => (0u8..60).prop_map(Change::Subscribe),
+            3 => (any::<u8>(), 1u8..12).prop_map(|(i, n)| Change::Read(i, n)),
+        ]
+    }
+
+    /// Random updates, deletes, resumes from random ids and slow reads on a small ring: whatever
+    /// a subscriber gets (replay, compacted catch-up, live, recoveries from lag), applied in order
+    /// to the state at the id it resumed from, ends at the current state; ids only increase, and
+    /// a reset comes only for an id older than a dropped tombstone.
+    fn check_catch_ups_converge(changes: Vec<Change>, tombstones: usize) -> Result<(), TestCaseError> {
+        let hub = compacting_hub(4, tombstones);
+        let mut seq = 0u64;
+        let mut current = Model::new();
+        // The state after each event (index = seq), from the empty state at 0.
+        let mut states = vec![Model::new()];
+        let mut dropped_floor = 0u64;
+        let mut tombstone_ids = VecDeque::new();
+        let mut subs: Vec<(Subscription, Vec<Delivery>, u64)> = Vec::new();
+        for change in changes {
+            match change {
+                Change::Update(task) => {
+                    let task = u64::from(task);
+                    seq += 1;
+                    let version = current.get(&TaskId::Number(task)).map_or(1, |v| v + 1);
+                    let event = updated(seq, task, version);
+                    apply(&mut current, &event);
+                    hub.publish(event);
+                    states.push(current.clone());
+                }
+                Change::Delete(task) => {
+                    let task = u64::from(task);
+                    if !current.contains_key(&TaskId::Number(task)) {
+                        continue;
+                    }
+                    seq += 1;
+                    let event = deleted(seq, task);
+                    apply(&mut current, &event);
+                    hub.publish(event);
+                    tombstone_ids.push_back((seq, task));
+                    states.push(current.clone());
+                }
+                Change::Subscribe(back) => {
+                    let start = seq.saturating_sub(u64::from(back));
+                    let id = position(start);
+                    subs.push((hub.subscribe(Resume::After(id), TaskFilter::all()).unwrap(), Vec::new(), start));
+                }
+                Change::Read(i, n) => {
+                    if !subs.is_empty() {
+                        let index = usize::from(i) % subs.len();
+                        let (sub, seen, _) = &mut subs[index];
+                        for _ in 0..n {
+                            match sub.next().now_or_never().flatten() {
+                                Some(d) => seen.push(d),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            // The model of the index's tombstones: a tombstone whose task came back is gone.
+            tombstone_ids.retain(|&(at, task)| {
+                !current.contains_key(&TaskId::Number(task)) || at > seq
+            });
+            let mut live: Vec<_> = tombstone_ids
+                .iter()
+                .filter(|&&(at, task)| {
+                    // Only the task's latest deletion is a tombstone.
+                    !tombstone_ids.iter().any(|&(later, t)| t == task && later > at)
+                })
+                .copied()
+                .collect();
+            while live.len() > tombstones {
+                let (at, _) = live.remove(0);
+                dropped_floor = dropped_floor.max(at);
+            }
+        }
+        for (mut sub, mut seen, start) in subs {
+            seen.extend(drain(&mut sub));
+            let mut model = states[start as usize].clone();
+            let mut position = start;
+            for delivery in &seen {
+                match delivery {
+                    Delivery::Event(e) => {
+                        prop_assert!(e.id.seq > position, "went back to {} after {}: {:?}", e.id.seq, position, seqs(&seen));
+                        position = e.id.seq;
+                        apply(&mut model, e);
+                    }
+                    Delivery::Compacted { since, .. } => {
+                        prop_assert_eq!(since.seq, position, "a catch-up starts where the client is");
+                    }
+                    Delivery::Reset { newest, .. } => {
+                        prop_assert!(position < dropped_floor, "a reset at {} with the tombstone floor at {}", position, dropped_floor);
+                        position = newest.seq;
+                        model = states[position as usize].clone();
+                    }
+                    Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                }
+            }
+            prop_assert_eq!(&model, &current, "from {}: {:?}", start, seqs(&seen));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn applying_any_catch_up_to_the_state_at_the_resumed_id_yields_the_current_state(changes in proptest::collection::vec(change(), 1..150)) {
+            check_catch_ups_converge(changes, 1000)?;
+        }
+
+        #[test]
+        fn with_few_tombstones_catch_ups_still_converge_and_reset_only_behind_a_dropped_one(changes in proptest::collection::vec(change(), 1..150)) {
+            check_catch_ups_converge(changes, 2)?;
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Publish(u8),
@@ -1249,6 +1492,7 @@ mod tests {
                             expected_next = newest.seq + 1;
                         }
                         Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                        Delivery::Compacted { .. } => prop_assert!(false, "compacted without an index"),
                     }
                 }
                 prop_assert_eq!(expected_next, published + 1, "events missing at the end: {:?}", seqs(&seen));
@@ -1445,6 +1689,7 @@ mod tests {
                         position = newest.seq;
                     }
                     Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                    Delivery::Compacted { .. } => prop_assert!(false, "compacted without an index"),
                 }
             }
             let missing: Vec<_> = kept.iter().filter(|&&k| k > position).collect();
