@@ -489,7 +489,10 @@ pub enum Delivery {
     },
     /// A compacted catch-up follows: `tasks` events (those this subscriber may see), each the
     /// latest of a task changed after `since`, in id order; then the rest, as usual.
-    Compacted { since: EventId, tasks: usize },
+    Compacted {
+        since: EventId,
+        tasks: usize,
+    },
     /// The last item: the subscription is over, and why, so each transport can close the way
     /// that tells its client what to do next.
     End(EndReason),
@@ -1203,7 +1206,10 @@ mod tests {
     }
 
     fn deleted(seq: u64, task: u64) -> Arc<Event> {
-        Arc::new(Event::deleted(EventId { epoch: 1, seq }, TaskId::Number(task)))
+        Arc::new(Event::deleted(
+            EventId { epoch: 1, seq },
+            TaskId::Number(task),
+        ))
     }
 
     /// Task -> version: what a client holds.
@@ -1242,8 +1248,18 @@ mod tests {
             matches!(got[0], Delivery::Compacted { since, tasks: 3 } if since.seq == 1),
             "{got:?}"
         );
-        assert_eq!(seqs(&got), vec![4, 5, 9, 10], "2 deleted, 3 and 1 latest, then live");
-        assert_eq!(hub.metrics.catch_ups.with_label_values(&["compacted"]).get(), 1);
+        assert_eq!(
+            seqs(&got),
+            vec![4, 5, 9, 10],
+            "2 deleted, 3 and 1 latest, then live"
+        );
+        assert_eq!(
+            hub.metrics
+                .catch_ups
+                .with_label_values(&["compacted"])
+                .get(),
+            1
+        );
     }
 
     #[test]
@@ -1251,9 +1267,14 @@ mod tests {
         let hub = compacting_hub(2, 100);
         (1..=6).for_each(|s| hub.publish(updated(s, s % 3, s)));
         let filter = TaskFilter::ids(HashSet::from([TaskId::Number(1)]));
-        let mut sub = hub.subscribe(Resume::After(EventId::START), filter).unwrap();
+        let mut sub = hub
+            .subscribe(Resume::After(EventId::START), filter)
+            .unwrap();
         let got = drain(&mut sub);
-        assert!(matches!(got[0], Delivery::Compacted { tasks: 1, .. }), "{got:?}");
+        assert!(
+            matches!(got[0], Delivery::Compacted { tasks: 1, .. }),
+            "{got:?}"
+        );
         assert_eq!(seqs(&got), vec![4]);
     }
 
@@ -1270,7 +1291,9 @@ mod tests {
             (EventId { epoch: 0, seq: 4 }, ResetReason::Unknown),
             (EventId { epoch: 1, seq: 9 }, ResetReason::Unknown),
         ] {
-            let mut sub = hub.subscribe(Resume::After(since), TaskFilter::all()).unwrap();
+            let mut sub = hub
+                .subscribe(Resume::After(since), TaskFilter::all())
+                .unwrap();
             let got = drain(&mut sub);
             assert!(
                 matches!(got[..], [Delivery::Reset { newest, reason: r }] if newest.seq == 5 && r == reason),
@@ -1278,9 +1301,16 @@ mod tests {
             );
         }
         let mut sub = hub
-            .subscribe(Resume::After(EventId { epoch: 1, seq: 3 }), TaskFilter::all())
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 3 }),
+                TaskFilter::all(),
+            )
             .unwrap();
-        assert_eq!(seqs(&drain(&mut sub)), vec![4, 5], "the dropped tombstone's own id still places");
+        assert_eq!(
+            seqs(&drain(&mut sub)),
+            vec![4, 5],
+            "the dropped tombstone's own id still places"
+        );
     }
 
     #[test]
@@ -1319,7 +1349,10 @@ mod tests {
     /// a subscriber gets (replay, compacted catch-up, live, recoveries from lag), applied in order
     /// to the state at the id it resumed from, ends at the current state; ids only increase, and
     /// a reset comes only for an id older than a dropped tombstone.
-    fn check_catch_ups_converge(changes: Vec<Change>, tombstones: usize) -> Result<(), TestCaseError> {
+    fn check_catch_ups_converge(
+        changes: Vec<Change>,
+        tombstones: usize,
+    ) -> Result<(), TestCaseError> {
         let hub = compacting_hub(4, tombstones);
         let mut seq = 0u64;
         let mut current = Model::new();
@@ -1354,7 +1387,11 @@ mod tests {
                 Change::Subscribe(back) => {
                     let start = seq.saturating_sub(u64::from(back));
                     let id = position(start);
-                    subs.push((hub.subscribe(Resume::After(id), TaskFilter::all()).unwrap(), Vec::new(), start));
+                    subs.push((
+                        hub.subscribe(Resume::After(id), TaskFilter::all()).unwrap(),
+                        Vec::new(),
+                        start,
+                    ));
                 }
                 Change::Read(i, n) => {
                     if !subs.is_empty() {
@@ -1370,14 +1407,15 @@ mod tests {
                 }
             }
             // The model of the index's tombstones: a tombstone whose task came back is gone.
-            tombstone_ids.retain(|&(at, task)| {
-                !current.contains_key(&TaskId::Number(task)) || at > seq
-            });
+            tombstone_ids
+                .retain(|&(at, task)| !current.contains_key(&TaskId::Number(task)) || at > seq);
             let mut live: Vec<_> = tombstone_ids
                 .iter()
                 .filter(|&&(at, task)| {
                     // Only the task's latest deletion is a tombstone.
-                    !tombstone_ids.iter().any(|&(later, t)| t == task && later > at)
+                    !tombstone_ids
+                        .iter()
+                        .any(|&(later, t)| t == task && later > at)
                 })
                 .copied()
                 .collect();
@@ -1393,15 +1431,30 @@ mod tests {
             for delivery in &seen {
                 match delivery {
                     Delivery::Event(e) => {
-                        prop_assert!(e.id.seq > position, "went back to {} after {}: {:?}", e.id.seq, position, seqs(&seen));
+                        prop_assert!(
+                            e.id.seq > position,
+                            "went back to {} after {}: {:?}",
+                            e.id.seq,
+                            position,
+                            seqs(&seen)
+                        );
                         position = e.id.seq;
                         apply(&mut model, e);
                     }
                     Delivery::Compacted { since, .. } => {
-                        prop_assert_eq!(since.seq, position, "a catch-up starts where the client is");
+                        prop_assert_eq!(
+                            since.seq,
+                            position,
+                            "a catch-up starts where the client is"
+                        );
                     }
                     Delivery::Reset { newest, .. } => {
-                        prop_assert!(position < dropped_floor, "a reset at {} with the tombstone floor at {}", position, dropped_floor);
+                        prop_assert!(
+                            position < dropped_floor,
+                            "a reset at {} with the tombstone floor at {}",
+                            position,
+                            dropped_floor
+                        );
                         position = newest.seq;
                         model = states[position as usize].clone();
                     }

@@ -150,7 +150,12 @@ impl Latest {
 
     /// A store that keeps the index on disk loads it: the entries (any order), the newest dropped
     /// tombstone's id and the newest id issued.
-    pub fn seed(&mut self, entries: impl IntoIterator<Item = Arc<Event>>, floor: EventId, head: EventId) {
+    pub fn seed(
+        &mut self,
+        entries: impl IntoIterator<Item = Arc<Event>>,
+        floor: EventId,
+        head: EventId,
+    ) {
         let mut entries: Vec<_> = entries.into_iter().collect();
         entries.sort_by_key(|e| e.id);
         for entry in &entries {

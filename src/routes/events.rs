@@ -196,9 +196,9 @@ impl MessageBody for EventStream {
             Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
                 Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
             }
-            Poll::Ready(Some(Delivery::Compacted { since, tasks })) => Poll::Ready(Some(Ok(
-                compacted_frame(since, tasks, this.heartbeat),
-            ))),
+            Poll::Ready(Some(Delivery::Compacted { since, tasks })) => {
+                Poll::Ready(Some(Ok(compacted_frame(since, tasks, this.heartbeat))))
+            }
             // Shutdown or token expiry: end after the last complete frame (EventSource then
             // reconnects with its Last-Event-ID, elsewhere or with a new token).
             Poll::Ready(Some(Delivery::End(_)) | None) => Poll::Ready(None),
