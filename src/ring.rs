@@ -282,6 +282,65 @@ mod tests {
         assert_eq!(seqs(&ring, id(10)), Ok(vec![11]));
     }
 
+    fn deleted(seq: u64, task: u64) -> Arc<Event> {
+        Arc::new(Event::deleted(id(seq), TaskId::Number(task)))
+    }
+
+    fn latest_ids(latest: &Latest, after: EventId) -> Vec<u64> {
+        latest.page(after, usize::MAX).map(|e| e.id.seq).collect()
+    }
+
+    #[test]
+    fn the_index_keeps_one_entry_per_task_and_its_newest_tombstones() {
+        let mut latest = Latest::new(2);
+        let update = |seq, task| {
+            Arc::new(Event::updated(
+                id(seq),
+                &crate::task::Task {
+                    task_id: TaskId::Number(task),
+                    status: None,
+                    title: None,
+                    assignee: None,
+                    data: None,
+                    version: seq,
+                    updated_at: String::new(),
+                },
+            ))
+        };
+        latest.push(&update(1, 1));
+        latest.push(&update(2, 2));
+        latest.push(&update(3, 1));
+        assert_eq!(
+            latest_ids(&latest, EventId::START),
+            vec![2, 3],
+            "1 moved to 3"
+        );
+        assert_eq!(latest_ids(&latest, id(2)), vec![3]);
+        for (seq, task) in [(11, 7), (12, 8), (13, 9)] {
+            latest.push(&update(seq, task));
+        }
+        for (seq, task) in [(14, 7), (15, 8), (16, 9)] {
+            latest.push(&deleted(seq, task));
+        }
+        // Three deletions, two kept: the oldest (at 14) is dropped and is the floor.
+        assert_eq!(latest.floor(), id(14));
+        assert_eq!(latest_ids(&latest, id(3)), vec![15, 16]);
+        assert_eq!(latest.placeable(id(13)), Err(ResetReason::TooOld));
+        assert_eq!(latest.placeable(id(14)), Ok(()));
+        assert_eq!(latest.placeable(id(17)), Err(ResetReason::Unknown));
+        assert_eq!(
+            latest.placeable(EventId { epoch: 99, seq: 15 }),
+            Err(ResetReason::Unknown),
+            "another run"
+        );
+        latest.push(&update(17, 8));
+        assert_eq!(
+            latest_ids(&latest, id(3)),
+            vec![16, 17],
+            "a task created again loses its tombstone"
+        );
+    }
+
     #[test]
     fn an_empty_ring_answers_start_with_nothing() {
         let ring = Ring::new(3);

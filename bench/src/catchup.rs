@@ -137,7 +137,9 @@ async fn storm(args: &Args, mode: Mode) -> Result<Outcome> {
         ],
         None,
     )?;
-    let url = server.url().ok_or_else(|| anyhow!("no URL in {:?}", server.ready_line))?;
+    let url = server
+        .url()
+        .ok_or_else(|| anyhow!("no URL in {:?}", server.ready_line))?;
     let addr: SocketAddr = url
         .trim_start_matches("http://")
         .parse()

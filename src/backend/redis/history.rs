@@ -268,6 +268,19 @@ mod tests {
     }
 
     #[test]
+    fn index_members_order_by_id_as_strings_and_parse_back() {
+        let (a, b) = (id(9, 10), id(10, 2));
+        assert!(padded(a) < padded(b), "9-10 before 10-2");
+        assert_eq!(padded(a).len(), PADDED_ID);
+        let member = format!("{}:proj-7:a", padded(b));
+        assert_eq!(
+            parse_member(Some(member.as_bytes())),
+            Ok((b, TaskId::parse("proj-7:a").unwrap()))
+        );
+        assert!(parse_member(Some(b"12-3:x")).is_err());
+    }
+
+    #[test]
     fn a_replay_continues_exactly_when_the_next_entry_names_the_id() {
         let newest = id(9, 0);
         assert_eq!(
