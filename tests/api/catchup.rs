@@ -29,7 +29,9 @@ struct History {
 }
 
 async fn delete(server: &TestServer, task_id: u64, bearer: Option<&str>) -> String {
-    let mut request = reqwest::Client::new().delete(server.url(&format!("/tasks/{task_id}")));
+    let mut request = server
+        .client
+        .delete(server.url(&format!("/tasks/{task_id}")));
     if let Some(bearer) = bearer {
         request = request.bearer_auth(bearer);
     }
@@ -43,7 +45,8 @@ async fn update(server: &TestServer, body: Value, bearer: Option<&str>) -> Strin
     let Some(bearer) = bearer else {
         return server.update(body).await;
     };
-    let response = reqwest::Client::new()
+    let response = server
+        .client
         .post(server.url("/update_task"))
         .bearer_auth(bearer)
         .json(&body)
@@ -287,10 +290,9 @@ async fn resuming_during_concurrent_publishing_ends_at_the_current_state_with_id
     }
     // Updates, deletes and re-creations go on while three clients resume.
     let publisher = {
-        let base = server.base.clone();
+        let (base, client) = (server.base.clone(), server.client.clone());
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for n in 0..300u64 {
+            for n in 0..120u64 {
                 let task = 1 + n % 6;
                 let response = if n % 7 == 3 {
                     client.delete(format!("{base}/tasks/{task}")).send().await
