@@ -595,7 +595,13 @@ impl Subscription {
     }
 
     fn start_compacted(&mut self, compaction: Arc<Compaction>) {
-        let tasks = compaction.events.iter().filter(|e| self.wants(e)).count();
+        // Counting is a pass over the shared catch-up; an unfiltered subscriber (most of a storm)
+        // skips it.
+        let tasks = if self.filter.ids.is_none() && self.filter.patterns.is_none() {
+            compaction.events.len()
+        } else {
+            compaction.events.iter().filter(|e| self.wants(e)).count()
+        };
         self.hub
             .metrics
             .catch_ups
