@@ -1,11 +1,12 @@
 //! Fan-out: one broadcast channel of shared events; each subscription replays, then goes live with
-//! no gap, and recovers from lag through the ring buffer (or a longer `History`) or by a `reset`,
-//! never by skipping.
+//! no gap, and recovers from lag through the ring buffer (or a longer `History`), by a compacted
+//! catch-up (each changed task's latest event, announced as such) or by a `reset`, never by
+//! silently skipping.
 
 use crate::event::{Event, EventId};
 use crate::filter::TaskFilter;
 use crate::metrics::Metrics;
-use crate::ring::{ResetReason, Ring};
+use crate::ring::{Latest, ResetReason, Ring};
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
 use std::collections::VecDeque;
@@ -14,6 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tokio_util::sync::CancellationToken;
@@ -74,7 +76,32 @@ pub enum Backfill {
         newest: EventId,
         reason: ResetReason,
     },
+    /// The log no longer holds the events after the asked id, but the store still knows each
+    /// task's latest event since: those, in id order, complete up to `through`.
+    Compacted {
+        events: Vec<Arc<Event>>,
+        through: EventId,
+    },
 }
+
+/// A compacted catch-up: every task changed after `since`, its latest event only, in id order,
+/// complete up to `through`. Shared by every subscriber that resumes from the same id within
+/// `CATCH_UP_WINDOW` (a reconnect storm computes it once).
+#[derive(Debug)]
+pub struct Compaction {
+    pub since: EventId,
+    pub through: EventId,
+    pub events: Vec<Arc<Event>>,
+    computed: Instant,
+}
+
+/// How long a computed catch-up is offered to the next subscriber from the same id; the events
+/// published meanwhile follow from the ring.
+const CATCH_UP_WINDOW: Duration = Duration::from_secs(2);
+/// Distinct ids whose catch-ups are kept at once.
+const CATCH_UPS_KEPT: usize = 8;
+/// Index entries read per hold of the hub's lock: publishers wait at most for one page.
+const CATCH_UP_PAGE: usize = 512;
 
 /// A history read in flight; `None` when the hub closed first.
 type Fetch = Pin<Box<dyn Future<Output = Option<Backfill>> + Send>>;
@@ -86,6 +113,10 @@ pub struct Hub {
     capacity: usize,
     metrics: Arc<Metrics>,
     history: Option<Arc<dyn History>>,
+    /// Catch-ups computed lately, by the id they start after; and the lock that lets one
+    /// subscriber compute what the others arriving at once then share.
+    catch_ups: Mutex<VecDeque<Arc<Compaction>>>,
+    computing: Mutex<()>,
     /// Cancelled by `close`: ends history reads in flight, the feed that follows a shared log,
     /// and connections waiting on something other than a subscription (a WebSocket client that
     /// has not subscribed yet).
@@ -94,6 +125,9 @@ pub struct Hub {
 
 struct Inner {
     ring: Ring,
+    /// Each task's latest event, for compacted catch-ups (`None`: this hub's store keeps it, as
+    /// Redis does, or nobody does).
+    latest: Option<Latest>,
     /// False while a hub fed from a shared log does not yet know where its feed starts: until
     /// `restart_at` the ring covers nothing and every replay reads the history.
     anchored: bool,
@@ -152,6 +186,7 @@ impl Hub {
         Hub {
             inner: Mutex::new(Inner {
                 ring: Ring::new(buffer),
+                latest: None,
                 anchored: history.is_none(),
                 sender: Some(sender),
             }),
@@ -160,7 +195,28 @@ impl Hub {
             capacity: buffer,
             metrics,
             history,
+            catch_ups: Mutex::new(VecDeque::new()),
+            computing: Mutex::new(()),
             closed: CancellationToken::new(),
+        }
+    }
+
+    /// Keeps each task's latest event and the last `tombstones` deletions, so a client whose id
+    /// has left the ring gets a compacted catch-up instead of a `reset`.
+    pub fn with_latest(self, tombstones: usize) -> Hub {
+        self.lock().latest = Some(Latest::new(tombstones));
+        self
+    }
+
+    /// For a store that keeps the index on disk: loads it (see `Latest::seed`).
+    pub fn seed_latest(
+        &self,
+        entries: impl IntoIterator<Item = Arc<Event>>,
+        floor: EventId,
+        head: EventId,
+    ) {
+        if let Some(latest) = &mut self.lock().latest {
+            latest.seed(entries, floor, head);
         }
     }
 
@@ -182,6 +238,9 @@ impl Hub {
     pub fn publish(&self, event: Arc<Event>) {
         let mut inner = self.lock();
         inner.ring.push(event.clone());
+        if let Some(latest) = &mut inner.latest {
+            latest.push(&event);
+        }
         if let Some(sender) = &inner.sender {
             // An error only means nobody is subscribed right now.
             let _ = sender.send(Feed::Event(event));
@@ -224,6 +283,77 @@ impl Hub {
         self.lock().ring.head()
     }
 
+    fn has_latest(&self) -> bool {
+        self.lock().latest.is_some()
+    }
+
+    /// The compacted catch-up after `since`: one computed within `CATCH_UP_WINDOW` (unless
+    /// `fresh`), or computed now from the index, a page per hold of the lock so publishers go on
+    /// in between. A task that changes meanwhile moves ahead of the cursor (new ids are the
+    /// largest) and is read again at its new place; its earlier read is dropped, so each task
+    /// appears once, at its latest event.
+    fn compaction(&self, since: EventId, fresh: bool) -> Result<Arc<Compaction>, ResetReason> {
+        if !fresh {
+            if let Some(hit) = self.cached(since) {
+                return Ok(hit);
+            }
+        }
+        // One subscriber computes; the others of a storm wait here, then find its result.
+        let _computing = self.computing.lock().unwrap_or_else(|p| p.into_inner());
+        if !fresh {
+            if let Some(hit) = self.cached(since) {
+                return Ok(hit);
+            }
+        }
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        let mut cursor = since;
+        let mut pages = 0;
+        let through = loop {
+            let inner = self.lock();
+            let Some(latest) = &inner.latest else {
+                return Err(ResetReason::TooOld);
+            };
+            // On every page: a tombstone dropped meanwhile could be one this catch-up needs.
+            latest.placeable(since)?;
+            let before = events.len();
+            events.extend(latest.page(cursor, CATCH_UP_PAGE).cloned());
+            pages += 1;
+            match events.last() {
+                Some(last) if events.len() - before == CATCH_UP_PAGE => cursor = last.id,
+                _ => break latest.head(),
+            }
+        };
+        if pages > 1 {
+            let mut seen = std::collections::HashSet::new();
+            let mut kept: Vec<_> = events
+                .into_iter()
+                .rev()
+                .filter(|e| seen.insert(e.task_id.clone()))
+                .collect();
+            kept.reverse();
+            events = kept;
+        }
+        let compaction = Arc::new(Compaction {
+            since,
+            through,
+            events,
+            computed: Instant::now(),
+        });
+        let mut cache = self.catch_ups.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|c| c.since != since && c.computed.elapsed() < CATCH_UP_WINDOW);
+        if cache.len() == CATCH_UPS_KEPT {
+            cache.pop_front();
+        }
+        cache.push_back(compaction.clone());
+        Ok(compaction)
+    }
+
+    fn cached(&self, since: EventId) -> Option<Arc<Compaction>> {
+        let mut cache = self.catch_ups.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|c| c.computed.elapsed() < CATCH_UP_WINDOW);
+        cache.iter().rev().find(|c| c.since == since).cloned()
+    }
+
     /// Starts a subscription: it registers for live events and reads the replay under one lock,
     /// so the live part begins exactly after the replayed part (no gap, no duplicate).
     ///
@@ -244,6 +374,8 @@ impl Hub {
         let mut backlog = VecDeque::new();
         let mut pending_reset = None;
         let mut fetching = None;
+        let mut fetch_after = None;
+        let mut compact_after = None;
         match (resume, &self.history) {
             // Before the feed knows where the log ends there is no "now" on this node: the
             // subscription starts after the log's newest id, read once the log answers.
@@ -270,14 +402,21 @@ impl Hub {
                 }));
             }
             (Resume::After(id), history) => match (inner.since(id), history) {
-                (Ok(events), _) => backlog.extend(events.cloned()),
-                (Err(_), Some(history)) => fetching = Some(self.fetch(history.after(id))),
+                (Ok(events), _) => {
+                    backlog.extend(events.cloned());
+                    self.metrics.catch_ups.with_label_values(&["replay"]).inc();
+                }
+                (Err(_), Some(history)) => {
+                    fetching = Some(self.fetch(history.after(id)));
+                    fetch_after = Some(id);
+                }
+                (Err(_), None) if inner.latest.is_some() => compact_after = Some(id),
                 (Err(reason), None) => pending_reset = Some(reason),
             },
         }
         drop(inner);
         let placing = resume == Resume::Live && fetching.is_some();
-        Ok(Subscription {
+        let mut subscription = Subscription {
             expiry: filter
                 .until
                 .map(|until| Box::pin(tokio::time::sleep_until(until))),
@@ -290,8 +429,14 @@ impl Hub {
             filter,
             ended: false,
             placing,
+            fetch_after,
+            compacted: None,
             _slot: slot,
-        })
+        };
+        if let Some(since) = compact_after {
+            subscription.compact_or_reset(since);
+        }
+        Ok(subscription)
     }
 
     /// Ends every live stream (after the frames already queued) and refuses new subscribers.
@@ -349,6 +494,12 @@ pub enum Delivery {
         newest: EventId,
         reason: ResetReason,
     },
+    /// A compacted catch-up follows: `tasks` events (those this subscriber may see), each the
+    /// latest of a task changed after `since`, in id order; then the rest, as usual.
+    Compacted {
+        since: EventId,
+        tasks: usize,
+    },
     /// The last item: the subscription is over, and why, so each transport can close the way
     /// that tells its client what to do next.
     End(EndReason),
@@ -383,7 +534,19 @@ pub struct Subscription {
     /// A live start on a hub whose feed has not started yet: `fetching` reads the log's newest
     /// id to start after.
     placing: bool,
+    /// The id `fetching` reads the history after: where a compacted catch-up starts when the log
+    /// no longer reaches back.
+    fetch_after: Option<EventId>,
+    /// A compacted catch-up being delivered, before `backlog`.
+    compacted: Option<CompactedRun>,
     _slot: SubscriberSlot,
+}
+
+/// A compacted catch-up on its way out: its announcement first, then its events from `next`.
+struct CompactedRun {
+    compaction: Arc<Compaction>,
+    next: usize,
+    announce: Option<usize>,
 }
 
 impl Subscription {
@@ -404,21 +567,112 @@ impl Subscription {
         self.filter.allows(&event.task_id)
     }
 
-    /// After a lag, refills the backlog from the ring; when the ring no longer reaches back to
-    /// `last_id`, reads the history, and without one turns into a reset.
-    fn catch_up(&mut self) {
-        self.hub.metrics.lagged_subscribers.inc();
-        let inner = self.hub.lock();
-        match (inner.since(self.last_id), &self.hub.history) {
-            (Ok(events), _) => self.backlog.extend(events.cloned()),
-            // `last_id` stays: the fetch answers how far it covers.
-            (Err(_), Some(history)) => {
-                self.fetching = Some(self.hub.fetch(history.after(self.last_id)));
+    /// From the hub's index: the compacted catch-up after `since`, then the ring's events after
+    /// the catch-up's end, then live; or a `reset` when the index cannot place `since`.
+    fn compact_or_reset(&mut self, since: EventId) {
+        // A shared catch-up is usable while the ring still holds what came after it; a fresh one
+        // ends at the head, so the second attempt fails only when more than the ring's worth was
+        // published while it was computed.
+        let mut reason = ResetReason::TooOld;
+        for attempt in 0..3 {
+            let compaction = match self.hub.compaction(since, attempt > 0) {
+                Ok(compaction) => compaction,
+                Err(why) => {
+                    reason = why;
+                    break;
+                }
+            };
+            let after = {
+                let inner = self.hub.lock();
+                inner
+                    .since(compaction.through)
+                    .map(|after| (after.cloned().collect::<Vec<_>>(), inner.ring.head()))
+            };
+            if let Ok((after, head)) = after {
+                self.backlog.clear();
+                self.backlog.extend(after);
+                self.last_id = head;
+                self.start_compacted(compaction);
                 return;
             }
-            (Err(reason), None) => self.pending_reset = Some((inner.ring.head(), reason)),
         }
-        self.last_id = inner.ring.head();
+        self.backlog.clear();
+        self.pending_reset = Some((self.hub.head(), reason));
+        self.last_id = self.hub.head();
+    }
+
+    fn start_compacted(&mut self, compaction: Arc<Compaction>) {
+        // Counting is a pass over the shared catch-up; an unfiltered subscriber (most of a storm)
+        // skips it.
+        let tasks = if self.filter.ids.is_none() && self.filter.patterns.is_none() {
+            compaction.events.len()
+        } else {
+            compaction.events.iter().filter(|e| self.wants(e)).count()
+        };
+        self.hub
+            .metrics
+            .catch_ups
+            .with_label_values(&["compacted"])
+            .inc();
+        self.compacted = Some(CompactedRun {
+            compaction,
+            next: 0,
+            announce: Some(tasks),
+        });
+    }
+
+    fn next_compacted(&mut self) -> Option<Delivery> {
+        let run = self.compacted.as_mut()?;
+        if let Some(tasks) = run.announce.take() {
+            return Some(Delivery::Compacted {
+                since: run.compaction.since,
+                tasks,
+            });
+        }
+        while let Some(event) = run.compaction.events.get(run.next) {
+            run.next += 1;
+            if self.filter.allows(&event.task_id) {
+                self.hub.metrics.compacted_events.inc();
+                return Some(Delivery::Event(event.clone()));
+            }
+        }
+        self.compacted = None;
+        None
+    }
+
+    /// After a lag, refills the backlog from the ring; when the ring no longer reaches back to
+    /// `last_id`, reads the history, or the hub's index for a compacted catch-up, and without
+    /// either turns into a reset.
+    fn catch_up(&mut self) {
+        self.hub.metrics.lagged_subscribers.inc();
+        let hub = self.hub.clone();
+        let compact = {
+            let inner = hub.lock();
+            let compact = match (inner.since(self.last_id), &hub.history) {
+                (Ok(events), _) => {
+                    self.backlog.extend(events.cloned());
+                    hub.metrics.catch_ups.with_label_values(&["replay"]).inc();
+                    self.last_id = inner.ring.head();
+                    false
+                }
+                // `last_id` stays: the fetch answers how far it covers.
+                (Err(_), Some(history)) => {
+                    self.fetching = Some(hub.fetch(history.after(self.last_id)));
+                    self.fetch_after = Some(self.last_id);
+                    false
+                }
+                (Err(_), None) if inner.latest.is_some() => true,
+                (Err(reason), None) => {
+                    self.pending_reset = Some((inner.ring.head(), reason));
+                    self.last_id = inner.ring.head();
+                    false
+                }
+            };
+            compact
+        };
+        if compact {
+            self.compact_or_reset(self.last_id);
+        }
     }
 
     /// The feed jumped to `floor`: a position behind it catches up through the history; one
@@ -430,6 +684,7 @@ impl Subscription {
         };
         if self.last_id < floor {
             self.fetching = Some(self.hub.fetch(history.after(self.last_id)));
+            self.fetch_after = Some(self.last_id);
         } else if lost && self.last_id > floor {
             let newest = history.newest();
             self.fetching = Some(self.hub.fetch(async move {
@@ -444,6 +699,7 @@ impl Subscription {
     fn end(&mut self, reason: EndReason) -> Poll<Option<Delivery>> {
         self.ended = true;
         self.backlog.clear();
+        self.compacted = None;
         self.fetching = None;
         Poll::Ready(Some(Delivery::End(reason)))
     }
@@ -468,22 +724,56 @@ impl Stream for Subscription {
             if let Some(fetch) = &mut this.fetching {
                 let backfill = ready!(fetch.as_mut().poll(cx));
                 this.fetching = None;
+                let since = this.fetch_after.take();
                 match backfill {
                     None => return this.end(EndReason::Shutdown),
                     Some(Backfill::Events { events, through }) => {
+                        if since.is_some() {
+                            this.hub
+                                .metrics
+                                .catch_ups
+                                .with_label_values(&["replay"])
+                                .inc();
+                        }
                         this.backlog.extend(events);
                         this.last_id = through;
+                    }
+                    // The log no longer reaches back, the hub's index may (`--data-dir`).
+                    Some(Backfill::Reset {
+                        reason: ResetReason::TooOld,
+                        ..
+                    }) if since.is_some() && this.hub.has_latest() => {
+                        this.compact_or_reset(since.unwrap_or(EventId::START));
                     }
                     Some(Backfill::Reset { newest, reason }) => {
                         this.pending_reset = Some((newest, reason));
                         this.last_id = newest;
                     }
+                    Some(Backfill::Compacted { events, through }) => {
+                        this.backlog.clear();
+                        this.last_id = through;
+                        this.start_compacted(Arc::new(Compaction {
+                            since: since.unwrap_or(EventId::START),
+                            through,
+                            events,
+                            computed: Instant::now(),
+                        }));
+                    }
                 }
             }
             if let Some((newest, reason)) = this.pending_reset.take() {
                 this.hub.metrics.resets.inc();
+                this.hub
+                    .metrics
+                    .catch_ups
+                    .with_label_values(&["reset"])
+                    .inc();
                 this.backlog.clear();
+                this.compacted = None;
                 return Poll::Ready(Some(Delivery::Reset { newest, reason }));
+            }
+            if let Some(delivery) = this.next_compacted() {
+                return Poll::Ready(Some(delivery));
             }
             while let Some(event) = this.backlog.pop_front() {
                 if this.wants(&event) {
@@ -541,7 +831,7 @@ mod tests {
             .filter_map(|d| match d {
                 Delivery::Event(e) => Some(e.id.seq),
                 Delivery::Reset { .. } => Some(0),
-                Delivery::End(_) => None,
+                Delivery::Compacted { .. } | Delivery::End(_) => None,
             })
             .collect()
     }
@@ -908,6 +1198,299 @@ mod tests {
         assert_ended(&drain(&mut sub), &mut sub, EndReason::Shutdown);
     }
 
+    /// A hub that keeps each task's latest event, as the memory backend builds it.
+    fn compacting_hub(buffer: usize, tombstones: usize) -> Arc<Hub> {
+        Arc::new(Hub::new(buffer, 100, Arc::new(Metrics::new())).with_latest(tombstones))
+    }
+
+    fn updated(seq: u64, task: u64, version: u64) -> Arc<Event> {
+        Arc::new(Event::updated(
+            EventId { epoch: 1, seq },
+            &crate::task::Task {
+                task_id: TaskId::Number(task),
+                status: None,
+                title: None,
+                assignee: None,
+                data: None,
+                version,
+                updated_at: "2026-12-02T00:00:00.000Z".into(),
+            },
+        ))
+    }
+
+    fn deleted(seq: u64, task: u64) -> Arc<Event> {
+        Arc::new(Event::deleted(
+            EventId { epoch: 1, seq },
+            TaskId::Number(task),
+        ))
+    }
+
+    /// Task -> version: what a client holds.
+    type Model = std::collections::BTreeMap<TaskId, u64>;
+
+    fn apply(model: &mut Model, event: &Event) {
+        match event.kind {
+            crate::event::EventKind::TaskUpdated => {
+                let data: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+                model.insert(event.task_id.clone(), data["version"].as_u64().unwrap());
+            }
+            crate::event::EventKind::TaskDeleted => {
+                model.remove(&event.task_id);
+            }
+        }
+    }
+
+    #[test]
+    fn an_id_that_left_the_ring_gets_each_changed_tasks_latest_event_then_live() {
+        let hub = compacting_hub(4, 100);
+        hub.publish(updated(1, 1, 1));
+        hub.publish(updated(2, 2, 1));
+        hub.publish(updated(3, 1, 2));
+        hub.publish(deleted(4, 2));
+        hub.publish(updated(5, 3, 1));
+        (6..=9).for_each(|s| hub.publish(updated(s, 1, s)));
+        let mut sub = hub
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 1 }),
+                TaskFilter::all(),
+            )
+            .unwrap();
+        hub.publish(updated(10, 3, 2));
+        let got = drain(&mut sub);
+        assert!(
+            matches!(got[0], Delivery::Compacted { since, tasks: 3 } if since.seq == 1),
+            "{got:?}"
+        );
+        assert_eq!(
+            seqs(&got),
+            vec![4, 5, 9, 10],
+            "2 deleted, 3 and 1 latest, then live"
+        );
+        assert_eq!(
+            hub.metrics
+                .catch_ups
+                .with_label_values(&["compacted"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_filter_applies_to_the_compacted_catch_up_and_its_count() {
+        let hub = compacting_hub(2, 100);
+        (1..=6).for_each(|s| hub.publish(updated(s, s % 3, s)));
+        let filter = TaskFilter::ids(HashSet::from([TaskId::Number(1)]));
+        let mut sub = hub
+            .subscribe(Resume::After(EventId::START), filter)
+            .unwrap();
+        let got = drain(&mut sub);
+        assert!(
+            matches!(got[0], Delivery::Compacted { tasks: 1, .. }),
+            "{got:?}"
+        );
+        assert_eq!(seqs(&got), vec![4]);
+    }
+
+    #[test]
+    fn an_id_older_than_a_dropped_tombstone_or_from_another_run_gets_a_reset() {
+        let hub = compacting_hub(2, 1);
+        hub.publish(updated(1, 1, 1));
+        hub.publish(updated(2, 2, 1));
+        hub.publish(deleted(3, 1));
+        hub.publish(deleted(4, 2)); // drops the tombstone at 3
+        hub.publish(updated(5, 3, 1));
+        for (since, reason) in [
+            (EventId { epoch: 1, seq: 2 }, ResetReason::TooOld),
+            (EventId { epoch: 0, seq: 4 }, ResetReason::Unknown),
+            (EventId { epoch: 1, seq: 9 }, ResetReason::Unknown),
+        ] {
+            let mut sub = hub
+                .subscribe(Resume::After(since), TaskFilter::all())
+                .unwrap();
+            let got = drain(&mut sub);
+            assert!(
+                matches!(got[..], [Delivery::Reset { newest, reason: r }] if newest.seq == 5 && r == reason),
+                "{since}: {got:?}"
+            );
+        }
+        let mut sub = hub
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 3 }),
+                TaskFilter::all(),
+            )
+            .unwrap();
+        assert_eq!(
+            seqs(&drain(&mut sub)),
+            vec![4, 5],
+            "the dropped tombstone's own id still places"
+        );
+    }
+
+    #[test]
+    fn a_storm_from_one_id_shares_one_computed_catch_up() {
+        let hub = compacting_hub(2, 100);
+        (1..=10).for_each(|s| hub.publish(updated(s, s % 4, s)));
+        let since = Resume::After(EventId { epoch: 1, seq: 1 });
+        let mut first = hub.subscribe(since, TaskFilter::all()).unwrap();
+        hub.publish(updated(11, 9, 1));
+        let mut second = hub.subscribe(since, TaskFilter::all()).unwrap();
+        let (a, b) = (drain(&mut first), drain(&mut second));
+        assert_eq!(hub.catch_ups.lock().unwrap().len(), 1, "one computation");
+        assert_eq!(seqs(&a), vec![7, 8, 9, 10, 11]);
+        assert_eq!(seqs(&b), seqs(&a), "the shared part, then 11 from the ring");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Update(u8),
+        Delete(u8),
+        /// Resume from the n-th event back (past the first: from the start).
+        Subscribe(u8),
+        Read(u8, u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            4 => (0u8..8).prop_map(Change::Update),
+            1 => (0u8..8).prop_map(Change::Delete),
+            1 => (0u8..60).prop_map(Change::Subscribe),
+            3 => (any::<u8>(), 1u8..12).prop_map(|(i, n)| Change::Read(i, n)),
+        ]
+    }
+
+    /// Random updates, deletes, resumes from random ids and slow reads on a small ring: whatever
+    /// a subscriber gets (replay, compacted catch-up, live, recoveries from lag), applied in order
+    /// to the state at the id it resumed from, ends at the current state; ids only increase, and
+    /// a reset comes only for an id older than a dropped tombstone.
+    fn check_catch_ups_converge(
+        changes: Vec<Change>,
+        tombstones: usize,
+    ) -> Result<(), TestCaseError> {
+        let hub = compacting_hub(4, tombstones);
+        let mut seq = 0u64;
+        let mut current = Model::new();
+        // The state after each event (index = seq), from the empty state at 0.
+        let mut states = vec![Model::new()];
+        let mut dropped_floor = 0u64;
+        let mut tombstone_ids = VecDeque::new();
+        let mut subs: Vec<(Subscription, Vec<Delivery>, u64)> = Vec::new();
+        for change in changes {
+            match change {
+                Change::Update(task) => {
+                    let task = u64::from(task);
+                    seq += 1;
+                    let version = current.get(&TaskId::Number(task)).map_or(1, |v| v + 1);
+                    let event = updated(seq, task, version);
+                    apply(&mut current, &event);
+                    hub.publish(event);
+                    states.push(current.clone());
+                }
+                Change::Delete(task) => {
+                    let task = u64::from(task);
+                    if !current.contains_key(&TaskId::Number(task)) {
+                        continue;
+                    }
+                    seq += 1;
+                    let event = deleted(seq, task);
+                    apply(&mut current, &event);
+                    hub.publish(event);
+                    tombstone_ids.push_back((seq, task));
+                    states.push(current.clone());
+                }
+                Change::Subscribe(back) => {
+                    let start = seq.saturating_sub(u64::from(back));
+                    let id = position(start);
+                    subs.push((
+                        hub.subscribe(Resume::After(id), TaskFilter::all()).unwrap(),
+                        Vec::new(),
+                        start,
+                    ));
+                }
+                Change::Read(i, n) => {
+                    if !subs.is_empty() {
+                        let index = usize::from(i) % subs.len();
+                        let (sub, seen, _) = &mut subs[index];
+                        for _ in 0..n {
+                            match sub.next().now_or_never().flatten() {
+                                Some(d) => seen.push(d),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            // The model of the index's tombstones: a tombstone whose task came back is gone.
+            tombstone_ids
+                .retain(|&(at, task)| !current.contains_key(&TaskId::Number(task)) || at > seq);
+            let mut live: Vec<_> = tombstone_ids
+                .iter()
+                .filter(|&&(at, task)| {
+                    // Only the task's latest deletion is a tombstone.
+                    !tombstone_ids
+                        .iter()
+                        .any(|&(later, t)| t == task && later > at)
+                })
+                .copied()
+                .collect();
+            while live.len() > tombstones {
+                let (at, _) = live.remove(0);
+                dropped_floor = dropped_floor.max(at);
+            }
+        }
+        for (mut sub, mut seen, start) in subs {
+            seen.extend(drain(&mut sub));
+            let mut model = states[start as usize].clone();
+            let mut position = start;
+            for delivery in &seen {
+                match delivery {
+                    Delivery::Event(e) => {
+                        prop_assert!(
+                            e.id.seq > position,
+                            "went back to {} after {}: {:?}",
+                            e.id.seq,
+                            position,
+                            seqs(&seen)
+                        );
+                        position = e.id.seq;
+                        apply(&mut model, e);
+                    }
+                    Delivery::Compacted { since, .. } => {
+                        prop_assert_eq!(
+                            since.seq,
+                            position,
+                            "a catch-up starts where the client is"
+                        );
+                    }
+                    Delivery::Reset { newest, .. } => {
+                        prop_assert!(
+                            position < dropped_floor,
+                            "a reset at {} with the tombstone floor at {}",
+                            position,
+                            dropped_floor
+                        );
+                        position = newest.seq;
+                        model = states[position as usize].clone();
+                    }
+                    Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                }
+            }
+            prop_assert_eq!(&model, &current, "from {}: {:?}", start, seqs(&seen));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn applying_any_catch_up_to_the_state_at_the_resumed_id_yields_the_current_state(changes in proptest::collection::vec(change(), 1..150)) {
+            check_catch_ups_converge(changes, 1000)?;
+        }
+
+        #[test]
+        fn with_few_tombstones_catch_ups_still_converge_and_reset_only_behind_a_dropped_one(changes in proptest::collection::vec(change(), 1..150)) {
+            check_catch_ups_converge(changes, 2)?;
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Publish(u8),
@@ -975,6 +1558,7 @@ mod tests {
                             expected_next = newest.seq + 1;
                         }
                         Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                        Delivery::Compacted { .. } => prop_assert!(false, "compacted without an index"),
                     }
                 }
                 prop_assert_eq!(expected_next, published + 1, "events missing at the end: {:?}", seqs(&seen));
@@ -1171,6 +1755,7 @@ mod tests {
                         position = newest.seq;
                     }
                     Delivery::End(reason) => prop_assert!(false, "ended: {:?}", reason),
+                    Delivery::Compacted { .. } => prop_assert!(false, "compacted without an index"),
                 }
             }
             let missing: Vec<_> = kept.iter().filter(|&&k| k > position).collect();

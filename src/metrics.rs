@@ -10,6 +10,9 @@ pub struct Metrics {
     pub events_replayed: IntCounter,
     pub resets: IntCounter,
     pub lagged_subscribers: IntCounter,
+    /// By `kind`: `replay` (event by event), `compacted`, `reset`.
+    pub catch_ups: IntCounterVec,
+    pub compacted_events: IntCounter,
     pub rejected_subscribers: IntCounter,
     pub http_requests: IntCounterVec,
     pub backend_up: IntGauge,
@@ -47,6 +50,22 @@ impl Metrics {
             "Times a subscriber fell behind the live channel and caught up from the buffer or got a reset",
         )
         .unwrap();
+        let catch_ups = IntCounterVec::new(
+            Opts::new(
+                "catch_ups_total",
+                "Resumes and lag recoveries served, by kind: replay (every event after the id), compacted (each changed task's latest event), reset (the client reloads GET /tasks)",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        for kind in ["replay", "compacted", "reset"] {
+            catch_ups.with_label_values(&[kind]);
+        }
+        let compacted_events = IntCounter::new(
+            "compacted_events_total",
+            "Events sent in compacted catch-ups (each a task's latest event)",
+        )
+        .unwrap();
         let rejected_subscribers = IntCounter::new(
             "rejected_subscribers_total",
             "Subscribers refused by --max-subscribers",
@@ -78,6 +97,8 @@ impl Metrics {
         register(Box::new(events_replayed.clone()));
         register(Box::new(resets.clone()));
         register(Box::new(lagged_subscribers.clone()));
+        register(Box::new(catch_ups.clone()));
+        register(Box::new(compacted_events.clone()));
         register(Box::new(rejected_subscribers.clone()));
         let backend_up = IntGauge::new(
             "backend_up",
@@ -95,6 +116,8 @@ impl Metrics {
             events_replayed,
             resets,
             lagged_subscribers,
+            catch_ups,
+            compacted_events,
             rejected_subscribers,
             http_requests,
             backend_up,

@@ -1,7 +1,10 @@
-//! The bounded event log that replay reads: `since(id)` answers the events after `id`, or why not.
+//! The bounded event log that replay reads (`since(id)` answers the events after `id`, or why
+//! not), and `Latest`, the index of each task's latest event that a compacted catch-up reads.
 
-use crate::event::{Event, EventId};
-use std::collections::VecDeque;
+use crate::event::{Event, EventId, EventKind};
+use crate::task::TaskId;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Why a replay cannot be served, sent to the client in the `reset` event.
@@ -92,6 +95,117 @@ impl Ring {
     }
 }
 
+/// Each task's latest event, ordered by id: the live tasks' latest `task_updated` (which carries
+/// the current task) and, for at most `max_tombstones` deletions, the `task_deleted` tombstone.
+/// Ids are unique, so an id orders one task's one entry; a range after a client's id is every task
+/// changed since, which is what a compacted catch-up sends.
+pub struct Latest {
+    by_id: BTreeMap<EventId, Arc<Event>>,
+    /// Where each task is in `by_id`, so its older entry goes when it changes again.
+    position: HashMap<TaskId, EventId>,
+    /// The ids of the tombstones kept, the oldest first out.
+    tombstones: BTreeSet<EventId>,
+    max_tombstones: usize,
+    /// The index is complete after this id: the newest dropped tombstone, so a client from before
+    /// it may have missed a deletion the index no longer knows.
+    floor: EventId,
+    /// The newest id pushed (or the id the index was seeded at).
+    head: EventId,
+}
+
+impl Latest {
+    pub fn new(max_tombstones: usize) -> Latest {
+        Latest {
+            by_id: BTreeMap::new(),
+            position: HashMap::new(),
+            tombstones: BTreeSet::new(),
+            max_tombstones: max_tombstones.max(1),
+            floor: EventId::START,
+            head: EventId::START,
+        }
+    }
+
+    /// Records `event` as its task's latest. Ids must increase.
+    pub fn push(&mut self, event: &Arc<Event>) {
+        debug_assert!(event.id > self.head || self.head == EventId::START);
+        if let Some(older) = self.position.insert(event.task_id.clone(), event.id) {
+            self.by_id.remove(&older);
+            self.tombstones.remove(&older);
+        }
+        self.by_id.insert(event.id, event.clone());
+        if event.kind == EventKind::TaskDeleted {
+            self.tombstones.insert(event.id);
+            while self.tombstones.len() > self.max_tombstones {
+                let Some(oldest) = self.tombstones.pop_first() else {
+                    break;
+                };
+                if let Some(dropped) = self.by_id.remove(&oldest) {
+                    self.position.remove(&dropped.task_id);
+                }
+                self.floor = self.floor.max(oldest);
+            }
+        }
+        self.head = self.head.max(event.id);
+    }
+
+    /// A store that keeps the index on disk loads it: the entries (any order), the newest dropped
+    /// tombstone's id and the newest id issued.
+    pub fn seed(
+        &mut self,
+        entries: impl IntoIterator<Item = Arc<Event>>,
+        floor: EventId,
+        head: EventId,
+    ) {
+        let mut entries: Vec<_> = entries.into_iter().collect();
+        entries.sort_by_key(|e| e.id);
+        for entry in &entries {
+            self.push(entry);
+        }
+        self.floor = self.floor.max(floor);
+        self.head = self.head.max(head);
+    }
+
+    /// Whether a catch-up after `since` is complete from this index: `since` is no newer than
+    /// the head, not older than a dropped tombstone, and of this id space (the first group of a
+    /// store's ids is fixed per run or database; only `START` stands outside it).
+    pub fn placeable(&self, since: EventId) -> Result<(), ResetReason> {
+        if since > self.head {
+            return Err(ResetReason::Unknown);
+        }
+        if since != EventId::START && since.epoch != self.head.epoch {
+            return Err(ResetReason::Unknown);
+        }
+        if since < self.floor {
+            return Err(ResetReason::TooOld);
+        }
+        Ok(())
+    }
+
+    /// At most `limit` entries after `after`, oldest first.
+    pub fn page(&self, after: EventId, limit: usize) -> impl Iterator<Item = &Arc<Event>> {
+        self.by_id
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, event)| event)
+    }
+
+    pub fn head(&self) -> EventId {
+        self.head
+    }
+
+    pub fn floor(&self) -> EventId {
+        self.floor
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +280,65 @@ mod tests {
         assert_eq!(seqs(&ring, EventId::START), Err(ResetReason::TooOld));
         ring.push(event(11));
         assert_eq!(seqs(&ring, id(10)), Ok(vec![11]));
+    }
+
+    fn deleted(seq: u64, task: u64) -> Arc<Event> {
+        Arc::new(Event::deleted(id(seq), TaskId::Number(task)))
+    }
+
+    fn latest_ids(latest: &Latest, after: EventId) -> Vec<u64> {
+        latest.page(after, usize::MAX).map(|e| e.id.seq).collect()
+    }
+
+    #[test]
+    fn the_index_keeps_one_entry_per_task_and_its_newest_tombstones() {
+        let mut latest = Latest::new(2);
+        let update = |seq, task| {
+            Arc::new(Event::updated(
+                id(seq),
+                &crate::task::Task {
+                    task_id: TaskId::Number(task),
+                    status: None,
+                    title: None,
+                    assignee: None,
+                    data: None,
+                    version: seq,
+                    updated_at: String::new(),
+                },
+            ))
+        };
+        latest.push(&update(1, 1));
+        latest.push(&update(2, 2));
+        latest.push(&update(3, 1));
+        assert_eq!(
+            latest_ids(&latest, EventId::START),
+            vec![2, 3],
+            "1 moved to 3"
+        );
+        assert_eq!(latest_ids(&latest, id(2)), vec![3]);
+        for (seq, task) in [(11, 7), (12, 8), (13, 9)] {
+            latest.push(&update(seq, task));
+        }
+        for (seq, task) in [(14, 7), (15, 8), (16, 9)] {
+            latest.push(&deleted(seq, task));
+        }
+        // Three deletions, two kept: the oldest (at 14) is dropped and is the floor.
+        assert_eq!(latest.floor(), id(14));
+        assert_eq!(latest_ids(&latest, id(3)), vec![15, 16]);
+        assert_eq!(latest.placeable(id(13)), Err(ResetReason::TooOld));
+        assert_eq!(latest.placeable(id(14)), Ok(()));
+        assert_eq!(latest.placeable(id(17)), Err(ResetReason::Unknown));
+        assert_eq!(
+            latest.placeable(EventId { epoch: 99, seq: 15 }),
+            Err(ResetReason::Unknown),
+            "another run"
+        );
+        latest.push(&update(17, 8));
+        assert_eq!(
+            latest_ids(&latest, id(3)),
+            vec![16, 17],
+            "a task created again loses its tombstone"
+        );
     }
 
     #[test]

@@ -44,11 +44,14 @@ impl AppState {
                 None => {
                     metrics.backend_up.set(1);
                     Backend::Memory(MemoryBackend::new(
-                        Arc::new(Hub::new(
-                            config.buffer as usize,
-                            config.max_subscribers as usize,
-                            metrics.clone(),
-                        )),
+                        Arc::new(
+                            Hub::new(
+                                config.buffer as usize,
+                                config.max_subscribers as usize,
+                                metrics.clone(),
+                            )
+                            .with_latest(config.tombstones as usize),
+                        ),
                         IdempotencyBounds {
                             window: config.idempotency_window(),
                             keys: config.idempotency_keys,

@@ -2,7 +2,7 @@
 
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::event::reset_frame;
+use crate::event::{reset_frame, EventId};
 use crate::hub::{Delivery, Resume, Subscription};
 use crate::limits::IpSlot;
 use crate::middleware::peer_ip;
@@ -131,6 +131,8 @@ pub struct EventStream {
     first_heartbeat: Option<Bytes>,
     /// What an idle keep-alive tick sends: a comment, or the heartbeat event when asked for.
     keep_alive_frame: Bytes,
+    /// `?heartbeat=1`: control frames also as named events, which an EventSource can see.
+    heartbeat: bool,
     subscription: Subscription,
     keep_alive: Interval,
     log: ConnectionLog,
@@ -157,6 +159,7 @@ impl EventStream {
             retry: Some(retry_frame(retry)),
             first_heartbeat: heartbeat.then(|| keep_alive_frame.clone()),
             keep_alive_frame,
+            heartbeat,
             subscription,
             keep_alive,
             log,
@@ -192,6 +195,9 @@ impl MessageBody for EventStream {
             }
             Poll::Ready(Some(Delivery::Reset { newest, reason })) => {
                 Poll::Ready(Some(Ok(reset_frame(newest, reason.as_str()))))
+            }
+            Poll::Ready(Some(Delivery::Compacted { since, tasks })) => {
+                Poll::Ready(Some(Ok(compacted_frame(since, tasks, this.heartbeat))))
             }
             // Shutdown or token expiry: end after the last complete frame (EventSource then
             // reconnects with its Last-Event-ID, elsewhere or with a new token).
@@ -237,6 +243,19 @@ fn heartbeat_data(keep_alive: std::time::Duration) -> String {
     )
 }
 
+/// Announces a compacted catch-up: the comment `: compacted <n> tasks since <id>` for every
+/// reader (curl, proxies' logs), and with `?heartbeat=1` also a named `compacted` event without an
+/// id (so the client's last event id stays), because an EventSource never sees comments.
+fn compacted_frame(since: EventId, tasks: usize, named: bool) -> Bytes {
+    let mut frame = format!(": compacted {tasks} tasks since {since}\n\n");
+    if named {
+        frame.push_str(&format!(
+            "event: compacted\ndata: {{\"event\":\"compacted\",\"since\":\"{since}\",\"tasks\":{tasks}}}\n\n"
+        ));
+    }
+    Bytes::from(frame)
+}
+
 const KEEP_ALIVE_FRAME: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
 #[cfg(test)]
@@ -252,6 +271,15 @@ mod tests {
         assert_eq!(
             &heartbeat_frame(Duration::from_secs(15))[..],
             &b"event: heartbeat\ndata: {\"event\":\"heartbeat\",\"keep_alive_ms\":15000}\n\n"[..]
+        );
+        let since = EventId { epoch: 7, seq: 3 };
+        assert_eq!(
+            &compacted_frame(since, 2, false)[..],
+            b": compacted 2 tasks since 7-3\n\n"
+        );
+        assert_eq!(
+            &compacted_frame(since, 2, true)[..],
+            &b": compacted 2 tasks since 7-3\n\nevent: compacted\ndata: {\"event\":\"compacted\",\"since\":\"7-3\",\"tasks\":2}\n\n"[..]
         );
     }
 }

@@ -254,6 +254,9 @@ impl Connection {
             Some(Delivery::Reset { newest, reason }) => {
                 self.send(reset_ws_message(newest, reason.as_str())).await
             }
+            Some(Delivery::Compacted { since, tasks }) => {
+                self.send(compacted_ws_message(since, tasks)).await
+            }
             Some(Delivery::End(EndReason::Shutdown)) | None => {
                 Err(close(CloseCode::Away, "server shutting down"))
             }
@@ -486,6 +489,11 @@ fn reset_ws_message(newest: EventId, reason: &str) -> ByteString {
     })
     .to_string()
     .into()
+}
+
+/// Announces a compacted catch-up (SPEC, "Resume without reload"): `tasks` events follow.
+fn compacted_ws_message(since: EventId, tasks: usize) -> ByteString {
+    format!(r#"{{"type":"compacted","since":"{since}","tasks":{tasks}}}"#).into()
 }
 
 /// The WebSocket form of the heartbeat.

@@ -2,6 +2,7 @@
 
 mod auth;
 mod capacity;
+mod catchup;
 mod durable;
 mod errors;
 mod events;

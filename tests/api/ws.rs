@@ -66,8 +66,20 @@ async fn subscribe_with_last_event_id_replays_then_goes_live() {
 
 #[tokio::test]
 async fn an_unusable_last_event_id_gets_a_reset_naming_the_newest_id() {
-    let server = TestServer::start(&["--buffer", "2"]).await;
+    // One tombstone kept, and two deletions after `first`: no catch-up from it can be complete.
+    let server = TestServer::start(&["--buffer", "2", "--tombstones", "1"]).await;
     let first = server.update(json!({"task_id": 1})).await;
+    for task_id in [5, 6] {
+        server.update(json!({"task_id": task_id})).await;
+    }
+    for task_id in [5, 6] {
+        let response = reqwest::Client::new()
+            .delete(server.url(&format!("/tasks/{task_id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
     // Enough that Redis's approximate trimming (whole nodes of up to 100 entries) drops the first
     // event too; in memory 4 would do.
     for n in 0..150 {

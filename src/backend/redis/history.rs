@@ -1,13 +1,18 @@
 //! The stream as the hub's `History`: replays older than a node's ring, page by page, each page
-//! checked to continue the one before.
+//! checked to continue the one before; where the stream no longer reaches back, the compacted
+//! catch-up from the index the write scripts keep.
 
 use super::reader::entries;
 use super::reader::Entry;
-use super::scripts::{HEAD_KEY, PAGE, STREAM_KEY};
+use super::scripts::{
+    CATCHUP_FLOOR_KEY, HEAD_KEY, LATEST_KEY, PADDED_ID, PAGE, POSITIONS_KEY, STREAM_KEY, TASKS_KEY,
+    TOMBSTONES_KEY, TOMBSTONE_FLOOR_KEY,
+};
 use super::store::{parse_id, text, Backoff, Store};
-use crate::event::EventId;
+use crate::event::{Event, EventId};
 use crate::hub::{Backfill, History};
 use crate::ring::ResetReason;
+use crate::task::{Task, TaskId};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use log::debug;
@@ -76,6 +81,77 @@ impl Store {
         }
     }
 
+    /// The compacted catch-up after `after`: each task changed since, at its latest event, read in
+    /// one script with the head it is complete up to; a reset when the index began after `after`
+    /// (an older version wrote those events) or dropped a tombstone after it.
+    pub(super) async fn compacted_after(&self, after: EventId, newest: EventId) -> Backfill {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.read_compacted(after).await {
+                Ok(Some(backfill)) => return backfill,
+                Ok(None) => {
+                    return Backfill::Reset {
+                        newest,
+                        reason: ResetReason::TooOld,
+                    }
+                }
+                Err(e) => {
+                    debug!("redis: the catch-up after {after} failed ({e}); retrying");
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+
+    async fn read_compacted(&self, after: EventId) -> Result<Option<Backfill>, String> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .within_timeout(
+                self.catch_up
+                    .key(HEAD_KEY)
+                    .key(TASKS_KEY)
+                    .key(POSITIONS_KEY)
+                    .key(LATEST_KEY)
+                    .key(TOMBSTONES_KEY)
+                    .key(CATCHUP_FLOOR_KEY)
+                    .key(TOMBSTONE_FLOOR_KEY)
+                    .arg(padded(after))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let newest = text(reply.first())
+            .and_then(parse_id)
+            .ok_or("the catch-up script answered no head")?;
+        let floor = |at: usize| -> Option<EventId> { text(reply.get(at)).and_then(parse_padded) };
+        // No floor: nothing was written with the index yet.
+        let Some(catchup_floor) = floor(1) else {
+            return Ok(None);
+        };
+        if after < catchup_floor || floor(2).is_some_and(|dropped| after < dropped) {
+            return Ok(None);
+        }
+        let members = |at: usize| match reply.get(at) {
+            Some(Value::Array(members)) => members.as_slice(),
+            _ => &[],
+        };
+        let mut events = Vec::new();
+        for (member, json) in members(3).iter().zip(members(5)) {
+            let (id, task_id) = parse_member(text(Some(member)))?;
+            let task = Task::from_stored(text(Some(json)).unwrap_or_default())
+                .map_err(|e| format!("task {task_id}: {e}"))?;
+            events.push(Arc::new(Event::updated(id, &task)));
+        }
+        for member in members(4) {
+            let (id, task_id) = parse_member(text(Some(member)))?;
+            events.push(Arc::new(Event::deleted(id, task_id)));
+        }
+        events.sort_by_key(|e| e.id);
+        Ok(Some(Backfill::Compacted {
+            events,
+            through: newest,
+        }))
+    }
+
     pub(super) async fn newest_retrying(&self) -> EventId {
         let mut backoff = Backoff::new();
         loop {
@@ -108,13 +184,51 @@ pub(super) struct RedisHistory(pub(super) Arc<Store>);
 impl History for RedisHistory {
     fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
         let store = self.0.clone();
-        async move { store.replay_after(after).await }.boxed()
+        async move {
+            match store.replay_after(after).await {
+                Backfill::Reset {
+                    newest,
+                    reason: ResetReason::TooOld,
+                } => store.compacted_after(after, newest).await,
+                backfill => backfill,
+            }
+        }
+        .boxed()
     }
 
     fn newest(&self) -> BoxFuture<'static, EventId> {
         let store = self.0.clone();
         async move { store.newest_retrying().await }.boxed()
     }
+}
+
+/// Both groups in 20 digits, so that the index's members order by id as strings.
+fn padded(id: EventId) -> String {
+    format!("{:020}-{:020}", id.epoch, id.seq)
+}
+
+fn parse_padded(bytes: &[u8]) -> Option<EventId> {
+    parse_id(bytes)
+}
+
+/// `<padded id>:<task id>`.
+fn parse_member(member: Option<&[u8]>) -> Result<(EventId, TaskId), String> {
+    let member = member.ok_or("an index member that is not a string")?;
+    let damaged = || {
+        format!(
+            "a damaged index member {:?}",
+            String::from_utf8_lossy(member)
+        )
+    };
+    if member.len() <= PADDED_ID + 1 || member[PADDED_ID] != b':' {
+        return Err(damaged());
+    }
+    let id = parse_padded(&member[..PADDED_ID]).ok_or_else(damaged)?;
+    let task_id = std::str::from_utf8(&member[PADDED_ID + 1..])
+        .ok()
+        .and_then(|t| TaskId::parse(t).ok())
+        .ok_or_else(damaged)?;
+    Ok((id, task_id))
 }
 
 /// Whether the stream continues right after `after`: `first` is the first entry after it (if
@@ -151,6 +265,19 @@ mod tests {
             prev,
             event: None,
         }
+    }
+
+    #[test]
+    fn index_members_order_by_id_as_strings_and_parse_back() {
+        let (a, b) = (id(9, 10), id(10, 2));
+        assert!(padded(a) < padded(b), "9-10 before 10-2");
+        assert_eq!(padded(a).len(), PADDED_ID);
+        let member = format!("{}:proj-7:a", padded(b));
+        assert_eq!(
+            parse_member(Some(member.as_bytes())),
+            Ok((b, TaskId::parse("proj-7:a").unwrap()))
+        );
+        assert!(parse_member(Some(b"12-3:x")).is_err());
     }
 
     #[test]

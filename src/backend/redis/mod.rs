@@ -42,6 +42,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use store::{event_id, first_answer, parse_id, text, unexpected, Store};
 
+/// The keys of the compacted catch-up's index, in the order the write scripts take them.
+fn index_keys(invocation: &mut redis::ScriptInvocation<'_>) {
+    invocation
+        .key(POSITIONS_KEY)
+        .key(LATEST_KEY)
+        .key(TOMBSTONES_KEY)
+        .key(CATCHUP_FLOOR_KEY)
+        .key(TOMBSTONE_FLOOR_KEY);
+}
+
 pub struct RedisBackend {
     store: Arc<Store>,
     hub: Arc<Hub>,
@@ -101,8 +111,10 @@ impl RedisBackend {
         let store = Arc::new(Store {
             client,
             conn,
-            update: Script::new(UPDATE_LUA),
-            delete: Script::new(DELETE_LUA),
+            update: Script::new(&update_lua()),
+            delete: Script::new(&delete_lua()),
+            catch_up: Script::new(CATCH_UP_LUA),
+            tombstones: config.tombstones,
             read: Script::new(READ_LUA),
             snapshot: Script::new(SNAPSHOT_LUA),
             max_len: config.buffer,
@@ -235,6 +247,7 @@ impl RedisBackend {
             let task_json = serde_json::to_vec(&*task).expect("a task always serialises");
             let mut invocation = store.update.prepare_invoke();
             invocation.key(STREAM_KEY).key(TASKS_KEY).key(HEAD_KEY);
+            index_keys(&mut invocation);
             if let Some(key) = &idempotency_key {
                 invocation.key(key);
             }
@@ -245,6 +258,7 @@ impl RedisBackend {
                 .arg(Event::updated_data(&task))
                 .arg(store.max_len)
                 .arg(store.idempotency_window_secs)
+                .arg(store.tombstones)
                 .arg(store.max_tasks);
             let reply: Vec<Value> = store.write(invocation.invoke_async(&mut conn)).await?;
             match (text(reply.first()), reply.get(1)) {
@@ -269,19 +283,15 @@ impl RedisBackend {
     pub async fn delete(&self, task_id: TaskId) -> Result<EventId, BackendError> {
         let store = &self.store;
         let mut conn = store.conn.clone();
-        let reply: Vec<Value> = store
-            .write(
-                store
-                    .delete
-                    .key(STREAM_KEY)
-                    .key(TASKS_KEY)
-                    .key(HEAD_KEY)
-                    .arg(task_id.to_string())
-                    .arg(Event::deleted_data(&task_id))
-                    .arg(store.max_len)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        let mut invocation = store.delete.prepare_invoke();
+        invocation.key(STREAM_KEY).key(TASKS_KEY).key(HEAD_KEY);
+        index_keys(&mut invocation);
+        invocation
+            .arg(task_id.to_string())
+            .arg(Event::deleted_data(&task_id))
+            .arg(store.max_len)
+            .arg(store.tombstones);
+        let reply: Vec<Value> = store.write(invocation.invoke_async(&mut conn)).await?;
         match text(reply.first()) {
             Some(b"ok") => {
                 store.metrics.events_published.inc();

@@ -23,6 +23,9 @@ pub(super) struct Store {
     pub(super) delete: Script,
     pub(super) read: Script,
     pub(super) snapshot: Script,
+    pub(super) catch_up: Script,
+    /// `--tombstones`: deletions the index keeps.
+    pub(super) tombstones: u64,
     pub(super) max_len: u32,
     pub(super) idempotency_window_secs: u64,
     /// `--max-tasks`, checked against the cluster's count inside the update script.

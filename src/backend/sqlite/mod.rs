@@ -34,7 +34,7 @@ use crate::task::{Task, TaskId, TaskPatch};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use log::{error, info, warn};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -304,6 +304,8 @@ impl SqliteBackend {
         let path = schema::db_path(dir);
         let tasks =
             load_tasks(&writer_conn).map_err(|e| OpenError(format!("{}: {e}", path.display())))?;
+        let (latest, tombstone_floor) = load_latest(&writer_conn, meta.epoch, &tasks)
+            .map_err(|e| OpenError(format!("{}: {e}", path.display())))?;
         let housekeeper_conn = Connection::open(&path)
             .and_then(|conn| schema::configure(&conn, synchronous).map(|()| conn))
             .map_err(|e| OpenError(format!("{}: {e}", path.display())))?;
@@ -335,14 +337,20 @@ impl SqliteBackend {
             housekeeper: Housekeeper::new(),
             last_error: Mutex::new(None),
         });
-        let hub = Arc::new(Hub::with_history(
-            config.buffer as usize,
-            config.max_subscribers as usize,
-            metrics.clone(),
-            Arc::new(SqliteHistory(shared.clone())),
-        ));
+        let hub = Arc::new(
+            Hub::with_history(
+                config.buffer as usize,
+                config.max_subscribers as usize,
+                metrics.clone(),
+                Arc::new(SqliteHistory(shared.clone())),
+            )
+            .with_latest(config.tombstones as usize),
+        );
         // The ring starts empty after the newest stored event; anything older is on disk.
         hub.restart_at(shared.head_id(), false);
+        // Each task's latest event and the tombstones, for compacted catch-ups from ids older
+        // than the retained log (the tables keep them; the hub keeps them in memory from here).
+        hub.seed_latest(latest, tombstone_floor, shared.head_id());
         let (requests, receiver) = mpsc::channel(QUEUE);
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -469,6 +477,45 @@ impl SqliteBackend {
             tasks: state.tasks.values().cloned().collect(),
         }
     }
+}
+
+/// Each stored task's latest event (`task_updated` with the task as it is, under its own id), the
+/// tombstones, and the newest dropped tombstone's id (`meta.tombstone_floor`).
+fn load_latest(
+    conn: &Connection,
+    epoch: u64,
+    tasks: &BTreeMap<TaskId, Arc<Task>>,
+) -> rusqlite::Result<(Vec<Arc<Event>>, EventId)> {
+    let id = |seq: u64| EventId { epoch, seq };
+    let mut latest = Vec::with_capacity(tasks.len());
+    let mut statement = conn.prepare("SELECT task_id, event FROM tasks")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let task_id = TaskId::parse(row.get_ref(0)?.as_str()?)
+            .map_err(|e| schema::damaged(format!("a stored task id is damaged: {e}")))?;
+        if let Some(task) = tasks.get(&task_id) {
+            latest.push(Arc::new(Event::updated(id(row.get(1)?), task)));
+        }
+    }
+    let mut statement = conn.prepare("SELECT task_id, event FROM tombstones")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let task_id = TaskId::parse(row.get_ref(0)?.as_str()?)
+            .map_err(|e| schema::damaged(format!("a stored tombstone is damaged: {e}")))?;
+        latest.push(Arc::new(Event::deleted(id(row.get(1)?), task_id)));
+    }
+    let floor: Option<u64> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'tombstone_floor'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let floor = match floor.unwrap_or(0) {
+        0 => EventId::START,
+        seq => id(seq),
+    };
+    Ok((latest, floor))
 }
 
 fn load_tasks(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskId, Arc<Task>>> {
