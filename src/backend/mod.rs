@@ -117,6 +117,32 @@ impl Backend {
         }
     }
 
+    // --- webhook positions (src/webhook/) ---
+    /// Whether a webhook position outlives the process (`--data-dir`); in memory it does not.
+    pub fn keeps_webhook_positions(&self) -> bool {
+        matches!(self, Backend::Sqlite(_))
+    }
+
+    /// The stored position of the webhook worker `key`: every event up to it is finished.
+    pub async fn webhook_position(&self, key: &str) -> Result<Option<EventId>, BackendError> {
+        match self {
+            Backend::Memory(_) | Backend::Redis(_) => Ok(None),
+            Backend::Sqlite(sqlite) => sqlite.webhook_position(key).await,
+        }
+    }
+
+    pub async fn save_webhook_position(
+        &self,
+        key: &str,
+        position: EventId,
+    ) -> Result<(), BackendError> {
+        match self {
+            Backend::Memory(_) | Backend::Redis(_) => Ok(()),
+            Backend::Sqlite(sqlite) => sqlite.save_webhook_position(key, position).await,
+        }
+    }
+    // --- end of webhook positions ---
+
     pub async fn get(&self, task_id: &TaskId) -> Result<Option<Task>, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),
