@@ -78,11 +78,26 @@ pub fn start(state: Arc<AppState>, config: &Config, lifecycle: &Lifecycle) -> st
     });
     for (index, url) in config.webhooks.iter().enumerate() {
         let target = Target::new(index, url.clone());
-        state
-            .metrics
+        let metrics = &state.metrics;
+        let label = index.to_string();
+        metrics
             .webhook_info
-            .with_label_values(&[&index.to_string(), &target.shown])
+            .with_label_values(&[&label, &target.shown])
             .set(1);
+        // Every series from the start, so dashboards and alerts see 0 rather than nothing.
+        for counter in [
+            &metrics.webhook_deliveries,
+            &metrics.webhook_failed_attempts,
+            &metrics.webhook_retries,
+            &metrics.webhook_dead_letters,
+            &metrics.webhook_gaps,
+            &metrics.webhook_lost,
+        ] {
+            counter.with_label_values(&[&label]);
+        }
+        for gauge in [&metrics.webhook_backlog, &metrics.webhook_oldest_seconds] {
+            gauge.with_label_values(&[&label]);
+        }
         log::info!("webhook {}: delivering every event", target.shown);
         let worker = worker::Worker::new(
             state.clone(),

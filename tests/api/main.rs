@@ -15,4 +15,5 @@ mod shutdown;
 mod slow;
 mod tasks;
 mod tls;
+mod webhooks;
 mod ws;
