@@ -41,6 +41,8 @@ enum Answer {
     FailFirst(usize),
     /// Always 500.
     Fail,
+    /// 200 after this many milliseconds; the request is recorded as it arrives.
+    Slow(u64),
 }
 
 struct Receiver {
@@ -176,6 +178,21 @@ async fn serve(
                 }
             }
             Answer::Fail => 500,
+            Answer::Slow(ms) => {
+                let mut headers = headers.clone();
+                headers.insert("x-answered".into(), "200".into());
+                seen.lock().unwrap().push(Received {
+                    headers,
+                    body: body.clone(),
+                    at: Instant::now(),
+                });
+                arrived.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                write
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await?;
+                continue;
+            }
         };
         headers.insert("x-answered".into(), status.to_string());
         seen.lock().unwrap().push(Received {
@@ -470,4 +487,87 @@ async fn the_backlog_survives_sigkill_with_data_dir() {
         before + 1,
         "only the new event after a clean restart"
     );
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_upgraded_and_then_keeps_positions() {
+    if skip_on_redis() {
+        return;
+    }
+    let dir = TempDir(temp_dir());
+    let mut server = TestServer::start_in(&dir.0, &[]).await;
+    server
+        .update(json!({"task_id": 1, "status": "before"}))
+        .await;
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    server.wait_exit(PATIENCE).await;
+    drop(server);
+    // Made into what a version 1 build wrote: the same, without the webhook positions.
+    let db = rusqlite::Connection::open(dir.0.join("taskstream.db")).unwrap();
+    db.execute_batch("DROP TABLE webhooks; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(db);
+    let receiver = Receiver::start(Answer::Ok { jitter_ms: 0 }).await;
+    let url = receiver.url();
+    let server = TestServer::start_in(&dir.0, &["--webhook", &url]).await;
+    server
+        .wait_for_log("upgraded the schema from version 1 to 2")
+        .await;
+    let id = server
+        .update(json!({"task_id": 1, "status": "after"}))
+        .await;
+    receiver.wait_for_ids(std::slice::from_ref(&id)).await;
+    let db = rusqlite::Connection::open(dir.0.join("taskstream.db")).unwrap();
+    let version: u32 = db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    let positions: u32 = db
+        .query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(positions, 1, "the worker stored its position");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_within_the_timeout() {
+    if skip_on_redis() {
+        return;
+    }
+    let quick = Receiver::start(Answer::Slow(300)).await;
+    let stuck = Receiver::start(Answer::Slow(10_000)).await;
+    let (quick_url, stuck_url) = (quick.url(), stuck.url());
+    let mut server = TestServer::start(&[
+        "--webhook",
+        &quick_url,
+        "--webhook",
+        &stuck_url,
+        "--shutdown-timeout",
+        "1",
+    ])
+    .await;
+    server.update(json!({"task_id": 1, "status": "x"})).await;
+    quick
+        .wait_until("the request", |seen| !seen.is_empty())
+        .await;
+    stuck
+        .wait_until("the request", |seen| !seen.is_empty())
+        .await;
+    let stopping = Instant::now();
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    server.wait_exit(PATIENCE).await;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    // The stuck one was given up at the deadline; the quick one was answered during the shutdown.
+    let port = stuck.port;
+    let logs = server
+        .wait_for_log(&format!(
+            "webhook #1 http://127.0.0.1:{port}: stopped with 1 event(s) undelivered"
+        ))
+        .await;
+    let quick_port = quick.port;
+    assert!(
+        !logs.contains(&format!("127.0.0.1:{quick_port}: stopped with")),
+        "{logs}"
+    );
+    assert_eq!(quick.seen().len(), 1);
 }
