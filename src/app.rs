@@ -134,7 +134,7 @@ pub async fn run(
         });
     }
     // Before the server takes its first publish, so a worker starting live misses nothing.
-    crate::webhook::start(state.clone().into_inner(), &config, &lifecycle)?;
+    crate::webhook::start(state.clone().into_inner(), &config, &lifecycle).await?;
     let app_state = state.clone();
     let cors_origins = config.cors_origin.clone();
     let hsts = tls.is_some();

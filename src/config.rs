@@ -141,10 +141,7 @@ pub struct Config {
     /// POST every event to this URL in the background, signed and retried (repeatable;
     /// comma-separated in the variable). Credentials in it never appear in logs or metrics.
     #[arg(long = "webhook", env = "TASKSTREAM_WEBHOOK", value_name = "URL", value_delimiter = ',',
-          value_parser = parse_webhook_url, hide_env_values = true,
-          // Until the consumer groups are in (docs/webhooks.md): each node would deliver every
-          // event, so the cluster would deliver each one once per node.
-          conflicts_with = "redis_url")]
+          value_parser = parse_webhook_url, hide_env_values = true)]
     pub webhooks: Vec<reqwest::Url>,
 
     /// `whsec_<base64 key>`: signs every webhook (`webhook-signature: v1,...`, Standard Webhooks).
@@ -172,6 +169,12 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_WEBHOOK_BACKOFF_MS", default_value_t = 1000, hide = true,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub webhook_backoff_ms: u64,
+
+    /// On Redis: milliseconds a node's lease on a webhook lasts unless renewed (once a second);
+    /// a dead node's deliveries are taken over this long after its last renewal. For tests.
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_LEASE_MS", default_value_t = 10_000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1_500..=600_000))]
+    pub webhook_lease_ms: u64,
     // --- end of webhooks ---
     /// Seconds to wait on shutdown for connections to finish before closing them.
     #[arg(long, env = "TASKSTREAM_SHUTDOWN_TIMEOUT", default_value_t = 3,

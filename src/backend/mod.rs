@@ -120,7 +120,19 @@ impl Backend {
     // --- webhook positions (src/webhook/) ---
     /// Whether a webhook position outlives the process (`--data-dir`); in memory it does not.
     pub fn keeps_webhook_positions(&self) -> bool {
-        matches!(self, Backend::Sqlite(_))
+        matches!(self, Backend::Sqlite(_) | Backend::Redis(_))
+    }
+
+    /// On Redis, the webhook's consumer group (and lease) instead of a stored position.
+    pub fn webhook_group(
+        &self,
+        key: &str,
+        lease: std::time::Duration,
+    ) -> Option<redis::webhook::WebhookGroup> {
+        match self {
+            Backend::Redis(redis) => Some(redis.webhook_group(key, lease)),
+            Backend::Memory(_) | Backend::Sqlite(_) => None,
+        }
     }
 
     /// The stored position of the webhook worker `key`: every event up to it is finished.

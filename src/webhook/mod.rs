@@ -60,11 +60,17 @@ pub struct Settings {
     pub backoff: Duration,
     pub concurrency: usize,
     pub shutdown_timeout: Duration,
+    /// On Redis: how long a node's lease on a URL lasts unless renewed.
+    pub lease: Duration,
 }
 
-/// Starts a worker per `--webhook` under `lifecycle`. Fails only when the HTTP client cannot be
-/// built (no usable TLS roots).
-pub fn start(state: Arc<AppState>, config: &Config, lifecycle: &Lifecycle) -> std::io::Result<()> {
+/// Starts a worker per `--webhook` under `lifecycle`, before the server takes its first publish.
+/// Fails only when the HTTP client cannot be built (no usable TLS roots).
+pub async fn start(
+    state: Arc<AppState>,
+    config: &Config,
+    lifecycle: &Lifecycle,
+) -> std::io::Result<()> {
     if config.webhooks.is_empty() {
         return Ok(());
     }
@@ -75,6 +81,7 @@ pub fn start(state: Arc<AppState>, config: &Config, lifecycle: &Lifecycle) -> st
         backoff: config.webhook_backoff(),
         concurrency: config.webhook_concurrency as usize,
         shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
+        lease: Duration::from_millis(config.webhook_lease_ms),
     });
     for (index, url) in config.webhooks.iter().enumerate() {
         let target = Target::new(index, url.clone());
@@ -97,6 +104,20 @@ pub fn start(state: Arc<AppState>, config: &Config, lifecycle: &Lifecycle) -> st
         }
         for gauge in [&metrics.webhook_backlog, &metrics.webhook_oldest_seconds] {
             gauge.with_label_values(&[&label]);
+        }
+        // On Redis the group is created here, not when a worker first leads: the group starts at
+        // the stream's end, and an event published in between would never reach this URL.
+        if let Some(group) = state
+            .service
+            .backend()
+            .webhook_group(&target.key, settings.lease)
+        {
+            if let Err(e) = group.create().await {
+                log::warn!(
+                    "webhook {}: cannot create its consumer group yet ({e}); it is created when Redis answers, and starts there",
+                    target.shown
+                );
+            }
         }
         log::info!("webhook {}: delivering every event", target.shown);
         let worker = worker::Worker::new(

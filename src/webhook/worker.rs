@@ -5,6 +5,7 @@
 use super::book::Book;
 use super::{Settings, Target};
 use crate::auth::Access;
+use crate::backend::redis::webhook::WebhookGroup;
 use crate::event::{Event, EventId};
 use crate::hub::{Delivery, Resume};
 use crate::state::AppState;
@@ -61,6 +62,9 @@ impl Worker {
 
     pub async fn run(self) {
         let backend = self.state.service.backend();
+        if let Some(group) = backend.webhook_group(&self.target.key, self.settings.lease) {
+            return self.run_group(group).await;
+        }
         let stored = match backend.webhook_position(&self.target.key).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -120,7 +124,7 @@ impl Worker {
                     Some(Delivery::End(_)) | None => taking = false,
                 },
                 _ = tick.tick() => {
-                    self.gauges(&book);
+                    self.gauges(&book, true);
                     if book.position() != saved {
                         saved = book.position();
                         self.save(saved).await;
@@ -140,7 +144,7 @@ impl Worker {
             }
         }
         let open = book.open();
-        self.gauges(&book);
+        self.gauges(&book, true);
         self.save(book.position()).await;
         if open > 0 {
             if self.state.service.backend().keeps_webhook_positions() {
@@ -160,6 +164,129 @@ impl Worker {
                     self.target.shown
                 );
             }
+        }
+    }
+
+    /// On Redis: the consumer group is the position. This node delivers while it holds the
+    /// URL's lease; on taking it, it first claims what the previous holder left pending.
+    async fn run_group(self, group: WebhookGroup) {
+        // Only as a wake-up: the hub follows the same stream, so a new event here means there is
+        // something to read from the group.
+        let mut wake = match self
+            .state
+            .service
+            .subscribe(&Access::Open, None, Resume::Live, HashSet::new())
+            .await
+        {
+            Ok(open) => open.subscription,
+            Err(e) => {
+                error!("webhook {}: cannot subscribe ({e})", self.target.shown);
+                return;
+            }
+        };
+        let mut book = Book::new(EventId::START, self.settings.concurrency, WINDOW);
+        let draining = CancellationToken::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut leading = false;
+        let mut unread = true;
+        let mut taking = true;
+        while taking {
+            while let Some(event) = book.next_to_send() {
+                in_flight.push(self.deliver(event, draining.clone()));
+            }
+            if leading && unread && book.has_room() {
+                match group.read(WINDOW - book.open().min(WINDOW)).await {
+                    Ok(events) => {
+                        unread = !events.is_empty();
+                        events.into_iter().for_each(|event| book.take(event));
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!("webhook {}: {e}", self.target.shown);
+                        unread = false;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.stopping.cancelled() => taking = false,
+                Some((event, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let finished = !matches!(outcome, Outcome::Abandoned);
+                    self.settle(&mut book, &event, outcome);
+                    if finished {
+                        if let Err(e) = group.ack(event.id).await {
+                            // Still pending: the next holder delivers it again (at least once).
+                            warn!("webhook {}: cannot acknowledge {}: {e}", self.target.shown, event.id);
+                        }
+                    }
+                }
+                delivery = wake.next() => match delivery {
+                    Some(Delivery::Event(_)) | Some(Delivery::Reset { .. }) => unread = true,
+                    Some(Delivery::End(_)) | None => taking = false,
+                },
+                _ = tick.tick() => {
+                    self.gauges(&book, false);
+                    let held = group.lead().await;
+                    match (leading, held) {
+                        (false, Ok(true)) => {
+                            leading = true;
+                            unread = true;
+                            if let Err(e) = group.create().await {
+                                warn!("webhook {}: {e}", self.target.shown);
+                            }
+                            match group.claim(WINDOW - book.open().min(WINDOW)).await {
+                                Ok(claimed) => {
+                                    info!(
+                                        "webhook {}: this node ({}) delivers it now; {} pending event(s) taken over",
+                                        self.target.shown, group.consumer(), claimed.events.len()
+                                    );
+                                    if claimed.gone > 0 {
+                                        self.state.metrics.webhook_gaps.with_label_values(&[&self.label]).inc();
+                                        warn!(
+                                            "webhook {}: {} pending event(s) were trimmed from the stream before delivery (raise --buffer)",
+                                            self.target.shown, claimed.gone
+                                        );
+                                    }
+                                    claimed.events.into_iter().for_each(|event| book.take(event));
+                                }
+                                Err(e) => warn!("webhook {}: cannot claim pending entries: {e}", self.target.shown),
+                            }
+                        }
+                        (true, Ok(false)) => {
+                            // Another node holds it: what this one has in flight finishes (and is
+                            // acknowledged); nothing new is read.
+                            leading = false;
+                            warn!("webhook {}: lost the lease to another node", self.target.shown);
+                        }
+                        (_, Err(e)) => debug!("webhook {}: lease: {e}", self.target.shown),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        drop(wake);
+        draining.cancel();
+        let deadline = tokio::time::sleep(self.settings.shutdown_timeout);
+        tokio::pin!(deadline);
+        while !in_flight.is_empty() {
+            tokio::select! {
+                Some((event, outcome)) = in_flight.next() => {
+                    let finished = !matches!(outcome, Outcome::Abandoned);
+                    self.settle(&mut book, &event, outcome);
+                    if finished {
+                        let _ = group.ack(event.id).await;
+                    }
+                }
+                () = &mut deadline => break,
+            }
+        }
+        group.release().await;
+        let open = book.open();
+        if open > 0 {
+            info!(
+                "webhook {}: stopped with {open} event(s) undelivered; they stay pending in Redis for the next node",
+                self.target.shown
+            );
         }
     }
 
@@ -186,13 +313,14 @@ impl Worker {
         }
     }
 
-    fn gauges(&self, book: &Book) {
+    /// `count_unread`: add the events published and not read yet, from the ids (in memory and on
+    /// SQLite ids of one log share their first group and the second counts events; Redis ids
+    /// count milliseconds, so there the backlog is what the worker holds).
+    fn gauges(&self, book: &Book, count_unread: bool) {
         let metrics = &self.state.metrics;
         let newest = self.state.hub().head();
         let taken = book.newest_taken();
-        // Events published but not read yet (the subscription is behind): ids of one log share
-        // their first group, and the second counts events.
-        let unread = if newest.epoch == taken.epoch {
+        let unread = if count_unread && newest.epoch == taken.epoch {
             newest.seq.saturating_sub(taken.seq)
         } else {
             0

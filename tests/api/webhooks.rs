@@ -1,7 +1,7 @@
 //! `--webhook`: a real receiver on loopback (a small HTTP/1.1 server on a Tokio listener) gets
 //! every event, signed, retried with the same id, in order per task, and across a SIGKILL.
 
-use crate::helpers::{memory_only, temp_dir, TempDir, TestServer, PATIENCE};
+use crate::helpers::{memory_only, temp_dir, RedisServer, TempDir, TestServer, PATIENCE};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -228,15 +228,14 @@ fn verify(received: &Received) -> bool {
     })
 }
 
+/// The `--data-dir` tests start their own durable node: on the Redis run of the suite they would
+/// only repeat themselves.
 fn skip_on_redis() -> bool {
-    memory_only("--webhook is refused with --redis-url until the consumer groups are in")
+    memory_only("it runs --data-dir itself, the same on every run of the suite")
 }
 
 #[tokio::test]
 async fn every_event_arrives_signed_and_in_order_per_task() {
-    if skip_on_redis() {
-        return;
-    }
     let receiver = Receiver::start(Answer::Ok { jitter_ms: 15 }).await;
     let url = receiver.url();
     let server = TestServer::start(&[
@@ -296,9 +295,6 @@ async fn every_event_arrives_signed_and_in_order_per_task() {
 
 #[tokio::test]
 async fn failures_are_retried_with_the_same_id_and_backoff_then_dead_lettered() {
-    if skip_on_redis() {
-        return;
-    }
     let flaky = Receiver::start(Answer::FailFirst(3)).await;
     let dead = Receiver::start(Answer::Fail).await;
     // A URL with a password, a secret path and a secret query, pointing at a closed port.
@@ -382,9 +378,6 @@ async fn failures_are_retried_with_the_same_id_and_backoff_then_dead_lettered() 
 
 #[tokio::test]
 async fn publishing_does_not_wait_for_a_receiver_that_is_down() {
-    if skip_on_redis() {
-        return;
-    }
     let receiver = Receiver::start(Answer::Fail).await;
     let url = receiver.url();
     let server = TestServer::start_with_env(
@@ -420,7 +413,8 @@ async fn publishing_does_not_wait_for_a_receiver_that_is_down() {
     {
         assert!(
             Instant::now() < deadline,
-            "the undelivered events are the backlog"
+            "the undelivered events are the backlog; logs:\n{}",
+            server.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -530,9 +524,6 @@ async fn a_version_1_database_is_upgraded_and_then_keeps_positions() {
 
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight_within_the_timeout() {
-    if skip_on_redis() {
-        return;
-    }
     let quick = Receiver::start(Answer::Slow(300)).await;
     let stuck = Receiver::start(Answer::Slow(10_000)).await;
     let (quick_url, stuck_url) = (quick.url(), stuck.url());
@@ -570,4 +561,59 @@ async fn shutdown_finishes_requests_in_flight_within_the_timeout() {
         "{logs}"
     );
     assert_eq!(quick.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn two_redis_nodes_deliver_each_event_once_and_take_over_a_dead_nodes_pending() {
+    if !RedisServer::available() {
+        return;
+    }
+    let redis = RedisServer::start(&[]).await;
+    let receiver = Receiver::start(Answer::Ok { jitter_ms: 0 }).await;
+    let url = receiver.url();
+    let args = [
+        "--webhook",
+        url.as_str(),
+        "--webhook-lease-ms",
+        "3000",
+        "--webhook-backoff-ms",
+        "50",
+    ];
+    let mut first = TestServer::start_on(&redis, &args).await;
+    first.wait_for_log("delivers it now").await;
+    let second = TestServer::start_on(&redis, &args).await;
+    // A calm run: events published on both nodes reach the receiver once each, from the cluster.
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        for node in [&first, &second] {
+            ids.push(
+                node.update(json!({"task_id": n % 5 + 1, "status": "x"}))
+                    .await,
+            );
+        }
+    }
+    let seen = receiver.wait_for_ids(&ids).await;
+    assert_eq!(seen.len(), ids.len(), "each event once, not once per node");
+    // The receiver fails; the delivering node holds the new events pending, and dies.
+    receiver.set(Answer::Fail);
+    let mut pending = Vec::new();
+    for n in 0..10 {
+        pending.push(
+            second
+                .update(json!({"task_id": n + 1, "status": "y"}))
+                .await,
+        );
+    }
+    receiver
+        .wait_until("an attempt of each new event", |seen| {
+            pending.iter().all(|id| seen.iter().any(|r| r.id() == id))
+        })
+        .await;
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(PATIENCE).await;
+    receiver.set(Answer::Ok { jitter_ms: 0 });
+    // The other node takes the lease once it expires, and claims what the dead one left pending.
+    receiver.wait_for_ids(&pending).await;
+    let logs = second.wait_for_log("taken over").await;
+    assert!(logs.contains("10 pending event(s) taken over"), "{logs}");
 }
