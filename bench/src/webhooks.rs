@@ -236,18 +236,21 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(with);
-    let received = received.lock().expect("not poisoned");
-    let missing = ids.iter().filter(|id| !received.ids.contains(*id)).count();
-    let span = match (received.first, received.last) {
-        (Some(first), Some(last)) => (last - first).as_secs_f64(),
-        _ => 0.0,
+    let (missing, span, requests) = {
+        let received = received.lock().expect("not poisoned");
+        let missing = ids.iter().filter(|id| !received.ids.contains(*id)).count();
+        let span = match (received.first, received.last) {
+            (Some(first), Some(last)) => (last - first).as_secs_f64(),
+            _ => 0.0,
+        };
+        (missing, span, received.requests)
     };
     line("publish, with a webhook", &latencies, seconds, args.events);
     println!(
         "{:<28} {:>8.0} deliveries/s  ({} requests for {} events in {span:.2} s, {missing} undelivered)",
         "webhook deliveries",
-        received.requests as f64 / span.max(1e-9),
-        received.requests,
+        requests as f64 / span.max(1e-9),
+        requests,
         ids.len()
     );
 
