@@ -140,7 +140,7 @@ pub struct Config {
     // --- webhooks (docs/webhooks.md) ---
     /// POST every event to this URL in the background, signed and retried (repeatable;
     /// comma-separated in the variable). Credentials in it never appear in logs or metrics.
-    #[arg(long = "webhook", env = "TASKSTREAM_WEBHOOK", value_name = "URL", value_delimiter = ',',
+    #[arg(id = "webhook", long = "webhook", env = "TASKSTREAM_WEBHOOK", value_name = "URL", value_delimiter = ',',
           value_parser = parse_webhook_url, hide_env_values = true)]
     pub webhooks: Vec<reqwest::Url>,
 
@@ -601,6 +601,35 @@ mod tests {
         assert_eq!(config.retry(), Duration::from_millis(3000));
         assert_eq!(config.max_subscribers, 10_000);
         assert!(config.idempotency_window() >= Duration::from_secs(600));
+    }
+
+    #[test]
+    fn webhook_flags_parse_and_refuse_bad_values() {
+        let config = Config::parse_from([
+            "taskstream",
+            "--webhook",
+            "http://127.0.0.1:9/a",
+            "--webhook",
+            "https://hooks.example.com/b?k=v",
+        ]);
+        assert_eq!(config.webhooks.len(), 2);
+        assert_eq!(config.webhook_concurrency, 16);
+        assert_eq!(config.webhook_max_age(), Duration::from_secs(86_400));
+        assert_eq!(config.webhook_backoff(), Duration::from_secs(1));
+        for bad in ["ftp://example.com/", "not a url", "http://"] {
+            let refused = Config::try_parse_from(["taskstream", "--webhook", bad]);
+            assert!(refused.is_err(), "{bad}");
+        }
+        let refused = Config::try_parse_from([
+            "taskstream",
+            "--webhook",
+            "https://user:hunter2@example.com/x",
+            "--webhook-secret",
+            "nope",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(!refused.contains("hunter2"), "{refused}");
     }
 
     #[test]
