@@ -192,7 +192,10 @@ impl Worker {
         let mut unread = true;
         let mut taking = true;
         while taking {
-            while let Some(event) = book.next_to_send() {
+            // Only the holder sends: after losing the lease, what waits in the book stays pending
+            // in Redis for the new holder (sending it here too would race that node's sending of
+            // the same task).
+            while let Some(event) = leading.then(|| book.next_to_send()).flatten() {
                 in_flight.push(self.deliver(event, draining.clone()));
             }
             if leading && unread && book.has_room() {

@@ -163,8 +163,9 @@ impl WebhookGroup {
                 .unwrap_or("0-0")
                 .to_owned();
             for entry in entries(parts.get(1)) {
-                if let Some(event) = entry.event {
-                    claimed.events.push(event);
+                match entry.event {
+                    Some(event) => claimed.events.push(event),
+                    None => self.drop_damaged(entry.id).await,
                 }
             }
             // Redis 7 lists the pending ids whose entries were trimmed, and drops them itself.
@@ -204,10 +205,20 @@ impl WebhookGroup {
         let Some(Value::Array(stream)) = streams.first() else {
             return Ok(Vec::new());
         };
-        Ok(entries(stream.get(1))
-            .into_iter()
-            .filter_map(|entry| entry.event)
-            .collect())
+        let mut events = Vec::new();
+        for entry in entries(stream.get(1)) {
+            match entry.event {
+                Some(event) => events.push(event),
+                None => self.drop_damaged(entry.id).await,
+            }
+        }
+        Ok(events)
+    }
+
+    /// An entry that cannot be rebuilt as an event (logged by `entries`) can never be delivered:
+    /// acknowledged, so it does not stay pending and come back at every takeover.
+    async fn drop_damaged(&self, id: EventId) {
+        let _ = self.ack(id).await;
     }
 
     /// The event is finished (delivered or dead-lettered) for this URL, cluster-wide.
