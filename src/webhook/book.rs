@@ -25,6 +25,10 @@ pub struct Book {
     in_flight: usize,
     concurrency: usize,
     window: usize,
+    /// Whether ids at or below the position are duplicates (a subscription's replay overlapping
+    /// what was finished). Not on Redis, where an entry handed out again is one still pending:
+    /// its acknowledgement was lost, and it must be sent again.
+    skip_finished: bool,
 }
 
 impl Book {
@@ -38,6 +42,15 @@ impl Book {
             in_flight: 0,
             concurrency,
             window,
+            skip_finished: true,
+        }
+    }
+
+    /// For a Redis consumer group: every entry handed out is taken (see `skip_finished`).
+    pub fn for_group(concurrency: usize, window: usize) -> Book {
+        Book {
+            skip_finished: false,
+            ..Book::new(EventId::START, concurrency, window)
         }
     }
 
@@ -52,7 +65,7 @@ impl Book {
     }
 
     pub fn take(&mut self, event: Arc<Event>) {
-        if event.id <= self.position || self.taken.contains_key(&event.id) {
+        if (self.skip_finished && event.id <= self.position) || self.taken.contains_key(&event.id) {
             return;
         }
         self.taken.insert(event.id, Entry::Open(Instant::now()));
@@ -189,6 +202,22 @@ mod tests {
         book.finish(&a);
         assert_eq!(book.position().seq, 3);
         assert_eq!(book.open(), 0);
+    }
+
+    #[test]
+    fn a_group_book_takes_an_entry_handed_out_again() {
+        let mut book = Book::for_group(2, 10);
+        book.take(event(5, 1));
+        let sent = book.next_to_send().unwrap();
+        book.finish(&sent);
+        book.take(event(3, 2));
+        assert_eq!(book.open(), 1, "still pending in Redis: sent again");
+        let mut book = Book::new(EventId { epoch: 1, seq: 0 }, 2, 10);
+        book.take(event(5, 1));
+        let sent = book.next_to_send().unwrap();
+        book.finish(&sent);
+        book.take(event(3, 2));
+        assert_eq!(book.open(), 0, "below the position: a replay's duplicate");
     }
 
     #[test]

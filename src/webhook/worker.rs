@@ -184,7 +184,7 @@ impl Worker {
                 return;
             }
         };
-        let mut book = Book::new(EventId::START, self.settings.concurrency, WINDOW);
+        let mut book = Book::for_group(self.settings.concurrency, WINDOW);
         let draining = CancellationToken::new();
         let mut in_flight = FuturesUnordered::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));

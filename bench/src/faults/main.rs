@@ -450,14 +450,15 @@ fn node_args(
         .map(String::from)
         .to_vec();
     if let Some(url) = webhook {
-        // Retries 100 ms apart at first, and a dead node's URL taken over 2 s after its last
-        // renewal, so the run's faults are met within its seconds.
+        // Retries 20 ms apart at first, so the backoff's cap (600 times that: 12 s) stays well
+        // inside the final wait for deliveries; and a dead node's URL taken over 2 s after its
+        // last renewal, so the run's faults are met within its seconds.
         args.extend(
             [
                 "--webhook",
                 url,
                 "--webhook-backoff-ms",
-                "100",
+                "20",
                 "--webhook-lease-ms",
                 "2000",
             ]
@@ -688,8 +689,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let catch_up_seconds = catch_up_started.elapsed().as_secs_f64();
-    // The webhook: every acknowledged event delivered at least once (bounded wait: retries back
-    // off, and on Redis a dead node's URL is taken over by another).
+    // The webhook: every acknowledged event delivered at least once. The wait is bounded, and
+    // longer than the backoff's cap (12 s) twice over: an event that met the receiver's random
+    // 503s several times in a row waits that long between attempts.
     let undelivered = match &receiver {
         None => Vec::new(),
         Some(receiver) => {
