@@ -190,6 +190,9 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut leading = false;
         let mut unread = true;
+        // Set by a failed read or acknowledgement: this consumer's own pending entries are read
+        // again, so none is stranded in its list while it holds the lease.
+        let mut recheck = false;
         let mut taking = true;
         while taking {
             // Only the holder sends: after losing the lease, what waits in the book stays pending
@@ -197,6 +200,16 @@ impl Worker {
             // the same task).
             while let Some(event) = leading.then(|| book.next_to_send()).flatten() {
                 in_flight.push(self.deliver(event, draining.clone()));
+            }
+            if leading && recheck && book.has_room() {
+                match group.own_pending(WINDOW - book.open().min(WINDOW)).await {
+                    Ok(events) => {
+                        recheck = false;
+                        events.into_iter().for_each(|event| book.take(event));
+                        continue;
+                    }
+                    Err(e) => debug!("webhook {}: {e}", self.target.shown),
+                }
             }
             if leading && unread && book.has_room() {
                 match group.read(WINDOW - book.open().min(WINDOW)).await {
@@ -208,6 +221,7 @@ impl Worker {
                     Err(e) => {
                         warn!("webhook {}: {e}", self.target.shown);
                         unread = false;
+                        recheck = true;
                     }
                 }
             }
@@ -218,8 +232,9 @@ impl Worker {
                     self.settle(&mut book, &event, outcome);
                     if finished {
                         if let Err(e) = group.ack(event.id).await {
-                            // Still pending: the next holder delivers it again (at least once).
+                            // Still pending: sent (and acknowledged) again after the recheck.
                             warn!("webhook {}: cannot acknowledge {}: {e}", self.target.shown, event.id);
+                            recheck = true;
                         }
                     }
                 }

@@ -319,7 +319,7 @@ impl Cluster {
                 );
             }
             Fault::ReceiverDown => {
-                let down = rng.millis(1000, 5000);
+                let down = rng.millis(500, 2500);
                 self.note(fault, format!("webhook receiver down for {down:?}"));
                 let receiver = self
                     .receiver
@@ -450,15 +450,15 @@ fn node_args(
         .map(String::from)
         .to_vec();
     if let Some(url) = webhook {
-        // Retries 20 ms apart at first, so the backoff's cap (600 times that: 12 s) stays well
-        // inside the final wait for deliveries; and a dead node's URL taken over 2 s after its
+        // Retries 10 ms apart at first, so the backoff's cap (600 times that: 6 s) keeps the
+        // final wait for deliveries short; and a dead node's URL taken over 2 s after its
         // last renewal, so the run's faults are met within its seconds.
         args.extend(
             [
                 "--webhook",
                 url,
                 "--webhook-backoff-ms",
-                "20",
+                "10",
                 "--webhook-lease-ms",
                 "2000",
             ]
@@ -690,7 +690,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
     };
     let catch_up_seconds = catch_up_started.elapsed().as_secs_f64();
     // The webhook: every acknowledged event delivered at least once. The wait is bounded, and
-    // longer than the backoff's cap (12 s) twice over: an event that met the receiver's random
+    // longer than the backoff's cap (6 s) several times over: an event that met the receiver's random
     // 503s several times in a row waits that long between attempts.
     let undelivered = match &receiver {
         None => Vec::new(),

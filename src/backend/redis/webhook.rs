@@ -182,6 +182,33 @@ impl WebhookGroup {
     /// New entries for this consumer, at most `max`, without waiting (the caller is woken by its
     /// node's hub, which follows the same stream).
     pub async fn read(&self, max: usize) -> Result<Vec<Arc<Event>>, BackendError> {
+        self.read_from(">", max).await.map(|(events, _)| events)
+    }
+
+    /// This consumer's own pending entries, oldest first, at most `max`: after a failed read or
+    /// acknowledgement. An `XREADGROUP` whose answer was lost on the way still handed its entries
+    /// to this consumer, and nothing else would ever send them while this node holds the lease.
+    pub async fn own_pending(&self, max: usize) -> Result<Vec<Arc<Event>>, BackendError> {
+        let mut all = Vec::new();
+        let mut after = "0-0".to_owned();
+        while all.len() < max {
+            let (events, last) = self.read_from(&after, max - all.len()).await?;
+            all.extend(events);
+            match last {
+                Some(last) => after = last.to_string(),
+                None => break,
+            }
+        }
+        Ok(all)
+    }
+
+    /// `XREADGROUP` from `id` (`>`: new entries; an id: this consumer's pending ones after it);
+    /// answers the events and the last id of the page (`None` when it was empty).
+    async fn read_from(
+        &self,
+        id: &str,
+        max: usize,
+    ) -> Result<(Vec<Arc<Event>>, Option<EventId>), BackendError> {
         let mut conn = self.store.conn.clone();
         let mut command = redis::cmd("XREADGROUP");
         command
@@ -192,7 +219,7 @@ impl WebhookGroup {
             .arg(max.clamp(1, super::scripts::PAGE))
             .arg("STREAMS")
             .arg(STREAM_KEY)
-            .arg(">");
+            .arg(id);
         let reply: Value = self
             .store
             .within_timeout(command.query_async(&mut conn))
@@ -200,19 +227,21 @@ impl WebhookGroup {
             .map_err(Self::failed)?;
         // `[[stream, [entries...]]]`, or nil when there is nothing new.
         let Value::Array(streams) = reply else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let Some(Value::Array(stream)) = streams.first() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let mut events = Vec::new();
+        let mut last = None;
         for entry in entries(stream.get(1)) {
+            last = Some(entry.id);
             match entry.event {
                 Some(event) => events.push(event),
                 None => self.drop_damaged(entry.id).await,
             }
         }
-        Ok(events)
+        Ok((events, last))
     }
 
     /// An entry that cannot be rebuilt as an event (logged by `entries`) can never be delivered:
