@@ -133,6 +133,8 @@ pub async fn run(
             state.service.backend().stopped().await;
         });
     }
+    // Before the server takes its first publish, so a worker starting live misses nothing.
+    crate::webhook::start(state.clone().into_inner(), &config, &lifecycle).await?;
     let app_state = state.clone();
     let cors_origins = config.cors_origin.clone();
     let hsts = tls.is_some();

@@ -155,6 +155,45 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_SYNCHRONOUS", value_enum, default_value_t = Synchronous::Full)]
     pub synchronous: Synchronous,
     // --- end of --data-dir ---
+    // --- webhooks (docs/webhooks.md) ---
+    /// POST every event to this URL in the background, signed and retried (repeatable;
+    /// comma-separated in the variable). Credentials in it never appear in logs or metrics.
+    #[arg(id = "webhook", long = "webhook", env = "TASKSTREAM_WEBHOOK", value_name = "URL", value_delimiter = ',',
+          value_parser = parse_webhook_url, hide_env_values = true)]
+    pub webhooks: Vec<reqwest::Url>,
+
+    /// `whsec_<base64 key>`: signs every webhook (`webhook-signature: v1,...`, Standard Webhooks).
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_SECRET", hide_env_values = true,
+          value_parser = parse_webhook_secret)]
+    pub webhook_secret: Option<WebhookSecret>,
+
+    /// Seconds a receiver has to answer one webhook request before it counts as failed.
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub webhook_timeout: u64,
+
+    /// Seconds an event is retried for (from its first attempt) before it is dead-lettered.
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_MAX_AGE", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    pub webhook_max_age: u64,
+
+    /// Webhook requests in flight at most, per URL (different tasks in parallel).
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub webhook_concurrency: u32,
+
+    /// The first retry's delay in milliseconds; later ones double up to 600 times it. For tests
+    /// and drills (the default is the SPEC's 1 s); at least 10 ms.
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_BACKOFF_MS", default_value_t = 1000, hide = true,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub webhook_backoff_ms: u64,
+
+    /// On Redis: milliseconds a node's lease on a webhook lasts unless renewed (once a second);
+    /// a dead node's deliveries are taken over this long after its last renewal. For tests.
+    #[arg(long, env = "TASKSTREAM_WEBHOOK_LEASE_MS", default_value_t = 10_000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1_500..=600_000))]
+    pub webhook_lease_ms: u64,
+    // --- end of webhooks ---
     /// Seconds to wait on shutdown for connections to finish before closing them.
     #[arg(long, env = "TASKSTREAM_SHUTDOWN_TIMEOUT", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(0..=60))]
@@ -279,6 +318,18 @@ impl Config {
         Duration::from_secs(self.jwt_leeway)
     }
 
+    pub fn webhook_timeout(&self) -> Duration {
+        Duration::from_secs(self.webhook_timeout)
+    }
+
+    pub fn webhook_max_age(&self) -> Duration {
+        Duration::from_secs(self.webhook_max_age)
+    }
+
+    pub fn webhook_backoff(&self) -> Duration {
+        Duration::from_millis(self.webhook_backoff_ms)
+    }
+
     pub fn auth_enabled(&self) -> bool {
         self.jwt_secret.is_some() || self.jwt_public_key.is_some()
     }
@@ -290,6 +341,44 @@ impl Config {
 }
 
 // Value types and parsers of the flags above.
+
+/// The key of `--webhook-secret`, decoded.
+#[derive(Clone)]
+pub struct WebhookSecret(pub(crate) Vec<u8>);
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WebhookSecret(***)")
+    }
+}
+
+/// Standard Webhooks secrets are `whsec_` and the base64 of the key (at least 16 bytes here, so
+/// a typo such as a truncated paste is refused rather than signing with a weak key).
+pub fn parse_webhook_secret(text: &str) -> Result<WebhookSecret, String> {
+    use base64::Engine;
+    let encoded = text
+        .strip_prefix("whsec_")
+        .ok_or("the webhook secret must start with whsec_ (then the base64 of the key)")?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "the webhook secret after whsec_ is not valid base64".to_owned())?;
+    if key.len() < 16 {
+        return Err(format!(
+            "the webhook secret's key is {} bytes; at least 16 are needed",
+            key.len()
+        ));
+    }
+    Ok(WebhookSecret(key))
+}
+
+/// An http or https URL with a host. The error never repeats the URL: it may hold a credential.
+pub fn parse_webhook_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("a webhook URL must be http:// or https:// with a host".into());
+    }
+    Ok(url)
+}
 
 /// A secret that never shows in `Debug` output, `--help` or logs.
 #[derive(Clone)]
@@ -534,6 +623,35 @@ mod tests {
         assert_eq!(config.retry(), Duration::from_millis(3000));
         assert_eq!(config.max_subscribers, 10_000);
         assert!(config.idempotency_window() >= Duration::from_secs(600));
+    }
+
+    #[test]
+    fn webhook_flags_parse_and_refuse_bad_values() {
+        let config = Config::parse_from([
+            "taskstream",
+            "--webhook",
+            "http://127.0.0.1:9/a",
+            "--webhook",
+            "https://hooks.example.com/b?k=v",
+        ]);
+        assert_eq!(config.webhooks.len(), 2);
+        assert_eq!(config.webhook_concurrency, 16);
+        assert_eq!(config.webhook_max_age(), Duration::from_secs(86_400));
+        assert_eq!(config.webhook_backoff(), Duration::from_secs(1));
+        for bad in ["ftp://example.com/", "not a url", "http://"] {
+            let refused = Config::try_parse_from(["taskstream", "--webhook", bad]);
+            assert!(refused.is_err(), "{bad}");
+        }
+        let refused = Config::try_parse_from([
+            "taskstream",
+            "--webhook",
+            "https://user:hunter2@example.com/x",
+            "--webhook-secret",
+            "nope",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(!refused.contains("hunter2"), "{refused}");
     }
 
     #[test]

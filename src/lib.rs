@@ -20,7 +20,8 @@
 //!    `Access` extractor, schemas), [`state`], [`error`] (statuses), [`middleware`], [`tls`],
 //!    [`openapi`], [`http_guard`] (an unread body closes its connection; the board's security
 //!    headers), [`origin`] (the `/ws` handshake's `Origin` check), [`log_redact`] (credentials
-//!    out of the access log), [`listener`] (the listening socket and its backlog).
+//!    out of the access log), [`listener`] (the listening socket and its backlog), [`webhook`]
+//!    (`--webhook`: a worker per URL, a caller of the service's subscribe like any transport).
 //! 7. [`app`]: the route table and `run`.
 
 pub mod app;
@@ -48,3 +49,4 @@ pub mod shutdown;
 pub mod state;
 pub mod task;
 pub mod tls;
+pub mod webhook;

@@ -1,6 +1,6 @@
 //! The owner of background work: every task the process runs besides serving requests (the Redis
-//! stream reader, the limiter's cleanup, and next the webhook workers and the durable store's
-//! writer) is spawned here and joined, with a deadline, on shutdown.
+//! stream reader, the limiter's cleanup, the webhook workers, the durable store's writer) is
+//! spawned here and joined, with a deadline, on shutdown.
 
 use log::{info, warn};
 use std::future::Future;

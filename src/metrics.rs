@@ -1,6 +1,8 @@
 //! Counters and gauges, exposed at `/metrics` in the Prometheus text format.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -17,6 +19,17 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub backend_up: IntGauge,
     pub rate_limited: IntCounterVec,
+    // Webhooks, labelled by the URL's index among the --webhook flags (never by the URL, which
+    // may hold a credential); `webhook_info` maps an index to scheme, host and port.
+    pub webhook_info: IntGaugeVec,
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_failed_attempts: IntCounterVec,
+    pub webhook_retries: IntCounterVec,
+    pub webhook_dead_letters: IntCounterVec,
+    pub webhook_gaps: IntCounterVec,
+    pub webhook_lost: IntCounterVec,
+    pub webhook_backlog: IntGaugeVec,
+    pub webhook_oldest_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -108,8 +121,68 @@ impl Metrics {
         register(Box::new(http_requests.clone()));
         register(Box::new(backend_up.clone()));
         register(Box::new(rate_limited.clone()));
+        let webhook_info = IntGaugeVec::new(
+            Opts::new(
+                "webhook_info",
+                "1 for each --webhook: its index (the label of the other webhook metrics) and its scheme, host and port",
+            ),
+            &["webhook", "target"],
+        )
+        .unwrap();
+        let webhook_counter = |name: &str, help: &str| {
+            let counter = IntCounterVec::new(Opts::new(name, help), &["webhook"]).unwrap();
+            register(Box::new(counter.clone()));
+            counter
+        };
+        let webhook_deliveries = webhook_counter(
+            "webhook_deliveries_total",
+            "Events delivered to a webhook (answered 2xx)",
+        );
+        let webhook_failed_attempts = webhook_counter(
+            "webhook_failed_attempts_total",
+            "Webhook attempts that failed (not 2xx, no connection, or no answer in time)",
+        );
+        let webhook_retries = webhook_counter(
+            "webhook_retries_total",
+            "Webhook attempts scheduled again after a failure",
+        );
+        let webhook_dead_letters = webhook_counter(
+            "webhook_dead_letters_total",
+            "Events given up for a webhook after --webhook-max-age of failures",
+        );
+        let webhook_gaps = webhook_counter(
+            "webhook_gaps_total",
+            "Times a webhook worker fell further behind than the log reaches and skipped events (logged at warn)",
+        );
+        let webhook_lost = webhook_counter(
+            "webhook_lost_total",
+            "Events undelivered when the process stopped, in memory only (they are not kept)",
+        );
+        let webhook_gauge = |name: &str, help: &str| {
+            let gauge = IntGaugeVec::new(Opts::new(name, help), &["webhook"]).unwrap();
+            register(Box::new(gauge.clone()));
+            gauge
+        };
+        let webhook_backlog = webhook_gauge(
+            "webhook_backlog",
+            "Events published and not yet delivered or dead-lettered, per webhook",
+        );
+        let webhook_oldest_seconds = webhook_gauge(
+            "webhook_oldest_undelivered_seconds",
+            "Seconds since the oldest undelivered event was taken up by its webhook worker (0: none)",
+        );
+        register(Box::new(webhook_info.clone()));
         Metrics {
             registry,
+            webhook_info,
+            webhook_deliveries,
+            webhook_failed_attempts,
+            webhook_retries,
+            webhook_dead_letters,
+            webhook_gaps,
+            webhook_lost,
+            webhook_backlog,
+            webhook_oldest_seconds,
             subscribers,
             ws_clients,
             events_published,

@@ -34,6 +34,7 @@ const LAYERS: &[&[&str]] = &[
         "origin",
         "log_redact",
         "listener",
+        "webhook",
     ],
     &["app", ""],
 ];

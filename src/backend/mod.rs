@@ -124,6 +124,44 @@ impl Backend {
         }
     }
 
+    // --- webhook positions (src/webhook/) ---
+    /// Whether a webhook position outlives the process (`--data-dir`); in memory it does not.
+    pub fn keeps_webhook_positions(&self) -> bool {
+        matches!(self, Backend::Sqlite(_) | Backend::Redis(_))
+    }
+
+    /// On Redis, the webhook's consumer group (and lease) instead of a stored position.
+    pub fn webhook_group(
+        &self,
+        key: &str,
+        lease: std::time::Duration,
+    ) -> Option<redis::webhook::WebhookGroup> {
+        match self {
+            Backend::Redis(redis) => Some(redis.webhook_group(key, lease)),
+            Backend::Memory(_) | Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The stored position of the webhook worker `key`: every event up to it is finished.
+    pub async fn webhook_position(&self, key: &str) -> Result<Option<EventId>, BackendError> {
+        match self {
+            Backend::Memory(_) | Backend::Redis(_) => Ok(None),
+            Backend::Sqlite(sqlite) => sqlite.webhook_position(key).await,
+        }
+    }
+
+    pub async fn save_webhook_position(
+        &self,
+        key: &str,
+        position: EventId,
+    ) -> Result<(), BackendError> {
+        match self {
+            Backend::Memory(_) | Backend::Redis(_) => Ok(()),
+            Backend::Sqlite(sqlite) => sqlite.save_webhook_position(key, position).await,
+        }
+    }
+    // --- end of webhook positions ---
+
     pub async fn get(&self, task_id: &TaskId) -> Result<Option<Arc<Task>>, BackendError> {
         match self {
             Backend::Memory(memory) => Ok(memory.get(task_id)),

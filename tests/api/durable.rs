@@ -371,12 +371,12 @@ async fn foreign_damaged_and_newer_databases_are_refused_and_left_unchanged() {
     std::fs::write(&db, &bytes).unwrap();
     assert_refused_unchanged(&dir.0, "is damaged or not taskstream's").await;
 
-    // Ours, from a newer taskstream (schema version 2 in the header).
+    // Ours, from a newer taskstream (schema version 3 in the header; this build knows 2).
     let dir = TempDir(temp_dir());
     good_database(&dir.0).await;
     let db = dir.0.join("taskstream.db");
     let mut bytes = std::fs::read(&db).unwrap();
-    bytes[60..64].copy_from_slice(&2u32.to_be_bytes());
+    bytes[60..64].copy_from_slice(&3u32.to_be_bytes());
     std::fs::write(&db, &bytes).unwrap();
     assert_refused_unchanged(&dir.0, "from a newer taskstream").await;
 }

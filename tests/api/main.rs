@@ -16,4 +16,5 @@ mod shutdown;
 mod slow;
 mod tasks;
 mod tls;
+mod webhooks;
 mod ws;

@@ -15,6 +15,7 @@
 mod check;
 mod clients;
 mod procs;
+mod receiver;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -94,6 +95,14 @@ struct Args {
     /// Also write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Every node also delivers to a webhook receiver that answers 503 at random (see
+    /// --webhook-fail-per-mille) and goes down for a while (the receiver_down fault); the run
+    /// fails if an acknowledged event was never delivered to it.
+    #[arg(long)]
+    webhook: bool,
+    /// With --webhook: requests the receiver answers 503, per mille, while it is up.
+    #[arg(long, default_value_t = 200)]
+    webhook_fail_per_mille: u64,
 }
 
 /// SplitMix64: small, seeded, and the same on every machine.
@@ -132,9 +141,20 @@ enum Fault {
     Combined,
     SlowReaders,
     ClientDrops,
+    /// With --webhook: the receiver closes every connection unanswered for a while.
+    ReceiverDown,
 }
 
 impl Fault {
+    /// The faults a run gets, with weights: the backend's, and the receiver's with --webhook.
+    fn menu_for(backend: Backend, webhook: bool) -> Vec<(Fault, u64)> {
+        let mut menu = Fault::menu(backend).to_vec();
+        if webhook {
+            menu.push((Fault::ReceiverDown, 2));
+        }
+        menu
+    }
+
     /// The faults each backend gets, with weights.
     fn menu(backend: Backend) -> &'static [(Fault, u64)] {
         match backend {
@@ -163,8 +183,14 @@ impl Fault {
 
     /// The next round of faults, shuffled: the first round has each fault once, so that even a
     /// short run meets every kind; later rounds have each as often as its weight.
-    fn deal(backend: Backend, only: &[Fault], first: bool, rng: &mut Rng) -> Vec<Fault> {
-        let mut deck: Vec<Fault> = Fault::menu(backend)
+    fn deal(
+        backend: Backend,
+        webhook: bool,
+        only: &[Fault],
+        first: bool,
+        rng: &mut Rng,
+    ) -> Vec<Fault> {
+        let mut deck: Vec<Fault> = Fault::menu_for(backend, webhook)
             .iter()
             .filter(|(f, _)| only.is_empty() || only.contains(f))
             .flat_map(|&(f, weight)| {
@@ -190,6 +216,7 @@ struct Cluster {
     started: Instant,
     /// Nodes that died without being killed.
     crashes: Vec<String>,
+    receiver: Option<Arc<receiver::Receiver>>,
 }
 
 impl Cluster {
@@ -291,6 +318,17 @@ impl Cluster {
                     format!("subscribers {picked:?} read nothing for {hold:?}"),
                 );
             }
+            Fault::ReceiverDown => {
+                let down = rng.millis(500, 2500);
+                self.note(fault, format!("webhook receiver down for {down:?}"));
+                let receiver = self
+                    .receiver
+                    .clone()
+                    .context("--webhook starts a receiver")?;
+                receiver.down.store(true, Ordering::Release);
+                tokio::time::sleep(down).await;
+                receiver.down.store(false, Ordering::Release);
+            }
             Fault::ClientDrops => {
                 // Every subscriber drops its connection at once and resumes: a reconnect storm.
                 self.note(fault, "every subscriber drops and resumes at once".into());
@@ -309,6 +347,9 @@ impl Cluster {
             if !redis.is_up() {
                 redis.restart().await?;
             }
+        }
+        if let Some(receiver) = &self.receiver {
+            receiver.down.store(false, Ordering::Release);
         }
         for node in &mut self.nodes {
             if node.stopped {
@@ -399,10 +440,31 @@ async fn metrics(addr: std::net::SocketAddr) -> Value {
     })
 }
 
-fn node_args(backend: Backend, redis: Option<&Redis>, dir: &std::path::Path) -> Vec<String> {
+fn node_args(
+    backend: Backend,
+    redis: Option<&Redis>,
+    dir: &std::path::Path,
+    webhook: Option<&str>,
+) -> Vec<String> {
     let mut args: Vec<String> = ["--buffer", "256", "--keep-alive", "1", "--retry", "200"]
         .map(String::from)
         .to_vec();
+    if let Some(url) = webhook {
+        // Retries 10 ms apart at first, so the backoff's cap (600 times that: 6 s) keeps the
+        // final wait for deliveries short; and a dead node's URL taken over 2 s after its
+        // last renewal, so the run's faults are met within its seconds.
+        args.extend(
+            [
+                "--webhook",
+                url,
+                "--webhook-backoff-ms",
+                "10",
+                "--webhook-lease-ms",
+                "2000",
+            ]
+            .map(String::from),
+        );
+    }
     match backend {
         Backend::Redis => {
             args.push("--redis-url".into());
@@ -432,11 +494,11 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
             );
         }
     }
-    if let Some(f) = args
-        .only
-        .iter()
-        .find(|f| !Fault::menu(args.backend).iter().any(|(m, _)| m == *f))
-    {
+    if let Some(f) = args.only.iter().find(|f| {
+        !Fault::menu_for(args.backend, args.webhook)
+            .iter()
+            .any(|(m, _)| m == *f)
+    }) {
         bail!(
             "--only {f:?}: the {:?} backend gets no such fault",
             args.backend
@@ -446,13 +508,18 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         Backend::Redis => Some(Redis::start(&args.redis_server, &dir.join("redis")).await?),
         _ => None,
     };
+    let receiver = match args.webhook {
+        true => Some(receiver::Receiver::start(rng.next_u64(), args.webhook_fail_per_mille).await?),
+        false => None,
+    };
+    let webhook_url = receiver.as_ref().map(|r| r.url());
     let node_count = if args.backend == Backend::Redis { 3 } else { 1 };
     let mut nodes = Vec::new();
     for i in 0..node_count {
         nodes.push(
             Node::start(
                 &args.taskstream,
-                node_args(args.backend, redis.as_ref(), dir),
+                node_args(args.backend, redis.as_ref(), dir, webhook_url.as_deref()),
                 dir,
                 format!("node{i}"),
             )
@@ -548,6 +615,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         timeline: Vec::new(),
         started,
         crashes: Vec::new(),
+        receiver: receiver.clone(),
     };
     let mean = args.fault_every.max(0.2);
     let mut deck = Vec::new();
@@ -559,7 +627,13 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
             break;
         }
         if deck.is_empty() {
-            deck = Fault::deal(cluster.backend, &args.only, rounds == 0, &mut rng);
+            deck = Fault::deal(
+                cluster.backend,
+                args.webhook,
+                &args.only,
+                rounds == 0,
+                &mut rng,
+            );
             rounds += 1;
         }
         let Some(fault) = deck.pop() else { break };
@@ -615,6 +689,22 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let catch_up_seconds = catch_up_started.elapsed().as_secs_f64();
+    // The webhook: every acknowledged event delivered at least once. The wait is bounded, and
+    // longer than the backoff's cap (6 s) several times over: an event that met the receiver's random
+    // 503s several times in a row waits that long between attempts.
+    let undelivered = match &receiver {
+        None => Vec::new(),
+        Some(receiver) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let missing = receiver.undelivered(acked.iter().map(|(id, _)| *id));
+                if missing.is_empty() || Instant::now() > deadline {
+                    break missing;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     world.stop.send_replace(true);
     let mut books: Vec<Book> = Vec::new();
     for s in subs {
@@ -739,6 +829,10 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         ("publishes never acknowledged", gave_up.len() as u64),
         ("publishes refused", refused.len() as u64),
         ("resets (none allowed with --data-dir)", sqlite_resets),
+        (
+            "events never delivered to the webhook",
+            undelivered.len() as u64,
+        ),
     ] {
         if n > 0 {
             problems.push(format!("{n} {what}"));
@@ -781,6 +875,13 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         "idempotency_duplicates": idempotency,
         "mismatches": mismatches,
         "ws_close_codes": close_codes,
+        "webhook": receiver.as_ref().map(|r| json!({
+            "requests": r.requests.load(Ordering::Relaxed),
+            "failed_or_refused": r.refused.load(Ordering::Relaxed),
+            "delivered_distinct": r.delivered.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "undelivered": undelivered.len(),
+            "undelivered_samples": undelivered.iter().take(10).map(|id| id.to_string()).collect::<Vec<_>>(),
+        })),
         "catch_up": {"seconds": (catch_up_seconds * 10.0).round() / 10.0, "still_behind": behind},
         "subscribers_detail": checks.iter().filter(|c| c.failed() || c.resets > 0).collect::<Vec<_>>(),
         "problems": problems,
@@ -853,6 +954,12 @@ fn print_table(report: &Value, checks: &[SubCheck]) {
         .take(10)
     {
         eprintln!("  mismatch: {}", m.as_str().unwrap_or_default());
+    }
+    if let Some(webhook) = report["webhook"].as_object() {
+        eprintln!(
+            "webhook: {} requests, {} failed or refused by the receiver, {} events delivered, {} never delivered",
+            webhook["requests"], webhook["failed_or_refused"], webhook["delivered_distinct"], webhook["undelivered"]
+        );
     }
     match report["problems"].as_array() {
         Some(p) if !p.is_empty() => eprintln!(

@@ -23,6 +23,7 @@ mod history;
 mod reader;
 mod scripts;
 mod store;
+pub mod webhook;
 
 use super::{Accepted, BackendError, Snapshot};
 use crate::config::Config;

@@ -8,6 +8,7 @@
 //! | `events` | seq -> kind, task id, the SSE `data` JSON: the log, the newest `--retention` events |
 //! | `tombstones` | task id -> the event that deleted it, for the last `--tombstones` deletions |
 //! | `idempotency` | key -> the first answer (event seq, task JSON) and when it expires |
+//! | `webhooks` | SHA-256 of a `--webhook` URL -> its worker's position (`webhooks.rs`) |
 //!
 //! One writer thread owns the only connection that publishes (group commit, `writer.rs`); a
 //! housekeeper thread trims in the background; replays older than the hub's ring read the log
@@ -19,6 +20,7 @@
 //! memory-only run) is recognised as foreign.
 
 mod schema;
+mod webhooks;
 mod writer;
 
 pub use schema::{OpenError, APPLICATION_ID, DB_FILE, LOCK_FILE, SCHEMA_VERSION};
@@ -56,6 +58,7 @@ pub struct SqliteBackend {
     requests: mpsc::Sender<Request>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
+    webhook_positions: webhooks::Positions,
     _lock: schema::DirLock,
 }
 
@@ -373,6 +376,7 @@ impl SqliteBackend {
             requests,
             threads: Mutex::new(vec![writer, housekeeper]),
             dir: dir.to_owned(),
+            webhook_positions: webhooks::Positions::new(synchronous),
             _lock: lock,
         })
     }

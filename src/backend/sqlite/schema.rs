@@ -17,8 +17,9 @@ pub const LOCK_FILE: &str = "taskstream.lock";
 pub const APPLICATION_ID: u32 = 0x5453_4b53;
 
 /// `PRAGMA user_version` of the schema below. Version 1 already keeps what the compacted catch-up
-/// (issue 15) needs: each task's latest event id and the tombstones.
-pub const SCHEMA_VERSION: u32 = 1;
+/// (issue 15) needs: each task's latest event id and the tombstones. Version 2 adds the webhook
+/// positions (`SCHEMA_V2`); a version 1 database is upgraded in place as it opens.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long a statement waits for SQLite's own locks; writes are serialised in-process first,
 /// so this only covers the checkpoint and a reader starting during a WAL reset.
@@ -40,7 +41,26 @@ CREATE TABLE idempotency (key TEXT PRIMARY KEY, event INTEGER NOT NULL, task BLO
 CREATE INDEX idempotency_by_expiry ON idempotency (expires);
 ";
 
-const TABLES: [&str; 5] = ["events", "idempotency", "meta", "tasks", "tombstones"];
+/// Version 2: each webhook worker's position, keyed by the SHA-256 of its URL (so no credential
+/// is stored); `position` is the event id as text, everything up to it delivered or dead-lettered.
+const SCHEMA_V2: &str = "
+CREATE TABLE webhooks (key TEXT PRIMARY KEY, position TEXT NOT NULL) WITHOUT ROWID;
+";
+
+/// The tables of each schema version, sorted by name.
+fn tables_of(version: u32) -> &'static [&'static str] {
+    match version {
+        1 => &["events", "idempotency", "meta", "tasks", "tombstones"],
+        _ => &[
+            "events",
+            "idempotency",
+            "meta",
+            "tasks",
+            "tombstones",
+            "webhooks",
+        ],
+    }
+}
 
 /// Why `DIR` cannot be used; the message is what the operator reads before the exit.
 #[derive(Debug, thiserror::Error)]
@@ -219,23 +239,30 @@ fn open_existing(path: &Path) -> Result<Connection, OpenError> {
         .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .map_err(|e| refused(e.to_string()))?;
-    if tables != TABLES {
-        return Err(refused(format!("its tables are {tables:?}")));
-    }
-    read_meta(&conn).map_err(|e| refused(e.to_string()))?;
     let version: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(|e| refused(e.to_string()))?;
+    if tables != tables_of(version) {
+        return Err(refused(format!("its tables are {tables:?}")));
+    }
+    read_meta(&conn).map_err(|e| refused(e.to_string()))?;
     migrate(&conn, version).map_err(|e| sqlite_error(path, e))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
         .map_err(|e| sqlite_error(path, e))?;
     Ok(conn)
 }
 
-/// Upgrades an older schema in place, one version per transaction. There is no version before 1
-/// yet; a version 2 adds its step here (and docs/operations.md says what it does).
-fn migrate(_conn: &Connection, version: u32) -> rusqlite::Result<()> {
+/// Upgrades an older schema in place, one version per transaction (docs/operations.md, Upgrades,
+/// says what each step does).
+fn migrate(conn: &Connection, version: u32) -> rusqlite::Result<()> {
     debug_assert!((1..=SCHEMA_VERSION).contains(&version));
+    if version < 2 {
+        // 1 -> 2: the webhook positions. Nothing else changes, so it is one new table.
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))?;
+        info!("sqlite: upgraded the schema from version 1 to 2 (webhook positions)");
+    }
     Ok(())
 }
 
@@ -252,6 +279,7 @@ fn create(path: &Path) -> Result<Connection, OpenError> {
     let sql = format!(
         "BEGIN;
          {SCHEMA_V1}
+         {SCHEMA_V2}
          INSERT INTO meta (key, value) VALUES ('epoch', {epoch}), ('floor', 0), ('tombstone_floor', 0);
          PRAGMA application_id = {APPLICATION_ID};
          PRAGMA user_version = {SCHEMA_VERSION};
