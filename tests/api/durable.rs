@@ -241,6 +241,40 @@ async fn a_replay_older_than_the_ring_comes_from_disk() {
 }
 
 #[tokio::test]
+async fn a_replay_longer_than_a_page_of_the_log_reads_every_page_then_live() {
+    let dir = TempDir(temp_dir());
+    // No fsync: this is about reading the log in pages (4,096 events), not about durability.
+    let server = TestServer::start_in(&dir.0, &["--buffer", "16", "--synchronous", "normal"]).await;
+    let server = Arc::new(server);
+    let mut published: Vec<String> = Vec::new();
+    // 16 at a time, so 4,200 publishes take about a second even in a debug build.
+    for round in 0..4_200 / 16 + 1 {
+        let answers = futures_util::future::join_all((0..16).map(|i| {
+            let server = server.clone();
+            async move {
+                server
+                    .update(json!({"task_id": (round * 16 + i) % 50 + 1}))
+                    .await
+            }
+        }))
+        .await;
+        published.extend(answers);
+    }
+    published.sort_by_key(|id| id_key(id));
+    let mut stream = server
+        .subscribe_with("/events", &[("Last-Event-ID", &published[3])])
+        .await;
+    assert!(published.len() - 4 > 4_096, "more than a page to replay");
+    assert_eq!(
+        ids(&stream.events(published.len() - 4).await),
+        &published[4..]
+    );
+    let live = server.update(json!({"task_id": 1})).await;
+    assert_eq!(stream.next_event().await.id, Some(live));
+    assert_eq!(server.metric("taskstream_resets_total").await, 0.0);
+}
+
+#[tokio::test]
 async fn retention_trims_the_log_in_the_background() {
     let dir = TempDir(temp_dir());
     let server = TestServer::start_in_with_env(

@@ -34,7 +34,7 @@ use crate::task::{Task, TaskId, TaskPatch};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use log::{error, info, warn};
-use rusqlite::Connection;
+use rusqlite::{params, Connection};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -49,6 +49,9 @@ use writer::Request;
 const QUEUE: usize = 16 * 1024;
 /// Idle read connections kept for replays.
 const READERS: usize = 4;
+/// Events read from disk in one go for a replay: a replay holds at most two pages (the one being
+/// sent and the next, read meanwhile), so its memory does not grow with the log.
+const PAGE: usize = 4096;
 
 pub struct SqliteBackend {
     shared: Arc<Shared>,
@@ -128,8 +131,9 @@ impl Shared {
         }
     }
 
-    /// Every event after `after` that the log holds, read in one read transaction (a consistent
-    /// view while the writer and the housekeeper go on).
+    /// The events after `after` that the log holds, at most `PAGE` of them, read in one read
+    /// transaction (a consistent view while the writer and the housekeeper go on); a full page
+    /// with more behind it is a `Backfill::Page`, and the hub asks again after its last id.
     fn read_after(&self, after: EventId) -> Result<Backfill, rusqlite::Error> {
         let newest = self.head_id();
         let after_seq = match after {
@@ -165,10 +169,10 @@ impl Shared {
                 });
             }
             let mut statement = tx.prepare_cached(
-                "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq",
+                "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let mut rows = statement.query([after_seq])?;
-            let mut events = Vec::new();
+            let mut rows = statement.query(params![after_seq, PAGE as u64])?;
+            let mut events = Vec::with_capacity(PAGE.min((head - after_seq) as usize));
             let mut through = after;
             while let Some(row) = rows.next()? {
                 let seq: u64 = row.get(0)?;
@@ -177,7 +181,7 @@ impl Shared {
                     self.id(seq),
                     row.get(1)?,
                     row.get_ref(2)?.as_str()?,
-                    row.get(3)?,
+                    row.get_ref(3)?.as_blob()?,
                 ) {
                     Some(event) => events.push(Arc::new(event)),
                     // Its position still counts: the events after it are no hole.
@@ -187,14 +191,18 @@ impl Shared {
                     ),
                 }
             }
-            Ok(Backfill::Events { events, through })
+            Ok(if through.seq < head && through != after {
+                Backfill::Page { events, through }
+            } else {
+                Backfill::Events { events, through }
+            })
         })();
         self.give_back(conn);
         read
     }
 }
 
-fn stored_event(id: EventId, kind: i64, task_id: &str, data: Vec<u8>) -> Option<Event> {
+fn stored_event(id: EventId, kind: i64, task_id: &str, data: &[u8]) -> Option<Event> {
     let kind = match kind {
         0 => EventKind::TaskUpdated,
         1 => EventKind::TaskDeleted,
@@ -247,13 +255,14 @@ struct SqliteHistory(Arc<Shared>);
 impl History for SqliteHistory {
     fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
         let shared = self.0.clone();
+        // Started now, not when first polled: the hub asks for the next page while it still
+        // sends the one before, so the disk read overlaps the sending.
+        let read = tokio::task::spawn_blocking({
+            let shared = shared.clone();
+            move || shared.read_after(after)
+        });
         async move {
-            let read = tokio::task::spawn_blocking({
-                let shared = shared.clone();
-                move || shared.read_after(after)
-            })
-            .await;
-            match read {
+            match read.await {
                 Ok(Ok(backfill)) => backfill,
                 // The client reloads the snapshot rather than wait on a disk that fails.
                 Ok(Err(e)) => {
