@@ -87,6 +87,11 @@ struct Args {
     /// that the run detects a loss: the run must then fail.
     #[arg(long)]
     sabotage: bool,
+    /// With `--backend sqlite`: the first node SIGKILL also deletes the node's WAL before the
+    /// restart, so the commits since the last checkpoint are gone, as on a disk that ignored
+    /// fsync. Shows that the run detects lost acknowledged changes: the run must then fail.
+    #[arg(long)]
+    sabotage_disk: bool,
     /// Where node and Redis logs go (default: a fresh directory under /tmp, removed after a
     /// clean run, kept after a failed one).
     #[arg(long)]
@@ -190,6 +195,8 @@ struct Cluster {
     started: Instant,
     /// Nodes that died without being killed.
     crashes: Vec<String>,
+    /// `--sabotage-disk`: the data directory whose WAL the next node SIGKILL deletes.
+    lose_wal: Option<std::path::PathBuf>,
 }
 
 impl Cluster {
@@ -220,6 +227,15 @@ impl Cluster {
             Fault::NodeKill => {
                 self.nodes[n].kill().await;
                 self.publish_addresses();
+                if let Some(data) = self.lose_wal.take() {
+                    let mut lost = Vec::new();
+                    for file in ["taskstream.db-wal", "taskstream.db-shm"] {
+                        if std::fs::remove_file(data.join(file)).is_ok() {
+                            lost.push(file);
+                        }
+                    }
+                    self.note(fault, format!("sabotage: node {n}'s {lost:?} deleted"));
+                }
                 let down = rng.millis(200, 1500);
                 self.note(fault, format!("node {n} SIGKILL, restarted after {down:?}"));
                 tokio::time::sleep(down).await;
@@ -432,6 +448,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
             );
         }
     }
+    if args.sabotage_disk && args.backend != Backend::Sqlite {
+        bail!("--sabotage-disk needs --backend sqlite: only that node keeps a WAL to lose");
+    }
     if let Some(f) = args
         .only
         .iter()
@@ -548,6 +567,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         timeline: Vec::new(),
         started,
         crashes: Vec::new(),
+        lose_wal: (args.sabotage_disk && args.backend == Backend::Sqlite).then(|| dir.join("data")),
     };
     let mean = args.fault_every.max(0.2);
     let mut deck = Vec::new();
@@ -750,6 +770,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         "seed": args.seed,
         "seconds": args.seconds,
         "sabotage": args.sabotage,
+        "sabotage_disk": args.sabotage_disk,
         "wall_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "nodes": cluster.nodes.len(),
         "subscribers": {"sse": args.sse, "ws": args.ws},
