@@ -25,7 +25,7 @@ pub use schema::{OpenError, APPLICATION_ID, DB_FILE, LOCK_FILE, SCHEMA_VERSION};
 
 use super::{Accepted, BackendError, Snapshot};
 use crate::config::Config;
-use crate::event::{Event, EventId, EventKind};
+use crate::event::{EventId, EventKind, InvalidStoredData, StoredFrames};
 use crate::filter::TaskFilter;
 use crate::hub::{Backfill, History, Hub, Resume, SubscribeError, Subscription};
 use crate::metrics::Metrics;
@@ -52,6 +52,9 @@ const READERS: usize = 4;
 /// Events read from disk in one go for a replay: a replay holds at most two pages (the one being
 /// sent and the next, read meanwhile), so its memory does not grow with the log.
 const PAGE: usize = 4096;
+/// The page's frames are written into one buffer reserved at about this size (4,096 events of a
+/// few hundred bytes); it grows if they are bigger.
+const PAGE_DATA_BYTES: usize = 1 << 20;
 
 pub struct SqliteBackend {
     shared: Arc<Shared>,
@@ -172,25 +175,26 @@ impl Shared {
                 "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let mut rows = statement.query(params![after_seq, PAGE as u64])?;
-            let mut events = Vec::with_capacity(PAGE.min((head - after_seq) as usize));
+            let mut frames =
+                StoredFrames::with_capacity(PAGE.min((head - after_seq) as usize), PAGE_DATA_BYTES);
             let mut through = after;
             while let Some(row) = rows.next()? {
-                let seq: u64 = row.get(0)?;
-                through = self.id(seq);
-                match stored_event(
-                    self.id(seq),
-                    row.get(1)?,
-                    row.get_ref(2)?.as_str()?,
-                    row.get_ref(3)?.as_blob()?,
-                ) {
-                    Some(event) => events.push(Arc::new(event)),
-                    // Its position still counts: the events after it are no hole.
-                    None => error!(
-                        "sqlite: event {} is damaged and cannot be delivered",
-                        self.id(seq)
-                    ),
+                let id = self.id(row.get(0)?);
+                through = id;
+                let task_id = row.get_ref(2)?.as_str().ok().map(TaskId::parse);
+                let data = row.get_ref(3)?.as_blob().ok();
+                let stored = match (stored_kind(row.get(1)?), task_id, data) {
+                    (Some(kind), Some(Ok(task_id)), Some(data)) => {
+                        frames.push(id, task_id, kind, data)
+                    }
+                    _ => Err(InvalidStoredData),
+                };
+                // Its position still counts: the events after it are no hole.
+                if stored.is_err() {
+                    error!("sqlite: event {id} is damaged and cannot be delivered");
                 }
             }
+            let events = frames.finish().into_iter().map(Arc::new).collect();
             Ok(if through.seq < head && through != after {
                 Backfill::Page { events, through }
             } else {
@@ -202,14 +206,12 @@ impl Shared {
     }
 }
 
-fn stored_event(id: EventId, kind: i64, task_id: &str, data: &[u8]) -> Option<Event> {
-    let kind = match kind {
-        0 => EventKind::TaskUpdated,
-        1 => EventKind::TaskDeleted,
-        _ => return None,
-    };
-    let task_id = TaskId::parse(task_id).ok()?;
-    Event::from_stored(id, task_id, kind, data).ok()
+fn stored_kind(kind: i64) -> Option<EventKind> {
+    match kind {
+        0 => Some(EventKind::TaskUpdated),
+        1 => Some(EventKind::TaskDeleted),
+        _ => None,
+    }
 }
 
 /// Wakes the housekeeper early, and stops it.
