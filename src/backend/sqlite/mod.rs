@@ -257,14 +257,22 @@ struct SqliteHistory(Arc<Shared>);
 impl History for SqliteHistory {
     fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
         let shared = self.0.clone();
-        // Started now, not when first polled: the hub asks for the next page while it still
-        // sends the one before, so the disk read overlaps the sending.
-        let read = tokio::task::spawn_blocking({
+        let read = {
             let shared = shared.clone();
             move || shared.read_after(after)
-        });
+        };
+        // Started now, not when first polled: the hub asks for the next page while it still
+        // sends the one before, so the disk read overlaps the sending. Outside a runtime (no
+        // caller does that today) it starts when first polled.
+        let started = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.spawn_blocking(read.clone()))
+            .ok();
         async move {
-            match read.await {
+            let read = match started {
+                Some(started) => started.await,
+                None => tokio::task::spawn_blocking(read).await,
+            };
+            match read {
                 Ok(Ok(backfill)) => backfill,
                 // The client reloads the snapshot rather than wait on a disk that fails.
                 Ok(Err(e)) => {
