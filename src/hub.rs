@@ -72,6 +72,13 @@ pub enum Backfill {
         events: Vec<Arc<Event>>,
         through: EventId,
     },
+    /// The first part of the events after the asked id, complete up to `through`; the rest is read
+    /// by asking again after `through`. A log on disk answers in pages so a long replay never holds
+    /// the whole log in memory.
+    Page {
+        events: Vec<Arc<Event>>,
+        through: EventId,
+    },
     Reset {
         newest: EventId,
         reason: ResetReason,
@@ -424,6 +431,7 @@ impl Hub {
             live,
             backlog,
             fetching,
+            next_page: None,
             pending_reset: pending_reset.map(|reason| (head, reason)),
             last_id: head,
             filter,
@@ -523,6 +531,8 @@ pub struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     /// A history read to finish before anything else is delivered.
     fetching: Option<Fetch>,
+    /// The history's next page, read while the backlog (the page before it) is delivered.
+    next_page: Option<Fetch>,
     pending_reset: Option<(EventId, ResetReason)>,
     /// Every event up to here was delivered, filtered out or covered by a reset; live events at or
     /// below it are duplicates of the backlog.
@@ -701,6 +711,7 @@ impl Subscription {
         self.backlog.clear();
         self.compacted = None;
         self.fetching = None;
+        self.next_page = None;
         Poll::Ready(Some(Delivery::End(reason)))
     }
 }
@@ -738,12 +749,20 @@ impl Stream for Subscription {
                         this.backlog.extend(events);
                         this.last_id = through;
                     }
-                    // The log no longer reaches back, the hub's index may (`--data-dir`).
+                    // The log no longer reaches back (or, between two pages, no longer does):
+                    // the hub's index may (`--data-dir`).
                     Some(Backfill::Reset {
                         reason: ResetReason::TooOld,
                         ..
                     }) if since.is_some() && this.hub.has_latest() => {
                         this.compact_or_reset(since.unwrap_or(EventId::START));
+                    }
+                    Some(Backfill::Page { events, through }) => {
+                        this.backlog.extend(events);
+                        this.last_id = through;
+                        if let Some(history) = &this.hub.history {
+                            this.next_page = Some(this.hub.fetch(history.after(through)));
+                        }
                     }
                     Some(Backfill::Reset { newest, reason }) => {
                         this.pending_reset = Some((newest, reason));
@@ -780,6 +799,14 @@ impl Stream for Subscription {
                     this.hub.metrics.events_replayed.inc();
                     return Poll::Ready(Some(Delivery::Event(event)));
                 }
+            }
+            // Live events wait until the history is read to its end: they come after it.
+            if let Some(next_page) = this.next_page.take() {
+                this.fetching = Some(next_page);
+                // The rest of one replay: counted once, when it ends, and placed by the
+                // catch-up from here should the log be trimmed past it meanwhile.
+                this.fetch_after = Some(this.last_id);
+                continue;
             }
             match ready!(this.live.poll_next_unpin(cx)) {
                 None => return this.end(EndReason::Shutdown),
@@ -1061,6 +1088,65 @@ mod tests {
             vec![12],
             "11 live is a duplicate, 12 is new"
         );
+    }
+
+    /// The log answering in pages of `.1` events, as the log on disk does.
+    struct PagedLog(Log, usize);
+
+    impl History for PagedLog {
+        fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
+            let (log, page) = (self.0.clone(), self.1);
+            async move {
+                let log = log.lock().unwrap();
+                let rest: Vec<_> = log.iter().filter(|e| e.id > after).cloned().collect();
+                let more = rest.len() > page;
+                let events: Vec<_> = rest.into_iter().take(page).collect();
+                let through = events.last().map_or(after, |e| e.id);
+                if more {
+                    Backfill::Page { events, through }
+                } else {
+                    Backfill::Events { events, through }
+                }
+            }
+            .boxed()
+        }
+
+        fn newest(&self) -> BoxFuture<'static, EventId> {
+            let newest = self
+                .0
+                .lock()
+                .unwrap()
+                .last()
+                .map_or(EventId::START, |e| e.id);
+            futures_util::future::ready(newest).boxed()
+        }
+    }
+
+    #[test]
+    fn a_history_read_in_pages_replays_every_page_before_live_events() {
+        let log: Log = Arc::default();
+        let hub = Arc::new(Hub::with_history(
+            4,
+            100,
+            Arc::new(Metrics::new()),
+            Arc::new(PagedLog(log.clone(), 3)),
+        ));
+        hub.restart_at(EventId::START, false);
+        (1..=20).for_each(|s| append(&log, s));
+        feed(&hub, &log);
+        let mut sub = hub
+            .subscribe(
+                Resume::After(EventId { epoch: 1, seq: 2 }),
+                TaskFilter::all(),
+            )
+            .unwrap();
+        // Live while the pages are read: delivered once, after the last page.
+        append(&log, 21);
+        feed(&hub, &log);
+        assert_eq!(seqs(&drain(&mut sub)), (3..=21).collect::<Vec<_>>());
+        append(&log, 22);
+        feed(&hub, &log);
+        assert_eq!(seqs(&drain(&mut sub)), vec![22]);
     }
 
     #[test]

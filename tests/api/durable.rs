@@ -1,7 +1,7 @@
 //! The durable single node, `--data-dir`: restarts, SIGKILL under load, replay from disk,
 //! retention, the directory lock, and databases that must be refused and left alone.
 
-use crate::helpers::{id_key, temp_dir, TempDir, TestServer, PATIENCE};
+use crate::helpers::{id_key, memory_only, temp_dir, TempDir, TestServer, PATIENCE};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -235,6 +235,44 @@ async fn a_replay_older_than_the_ring_comes_from_disk() {
         .await;
     // The ring holds 4 events: the 42 before them can only come from the log on disk.
     assert_eq!(ids(&stream.events(46).await), &published[4..]);
+    let live = server.update(json!({"task_id": 1})).await;
+    assert_eq!(stream.next_event().await.id, Some(live));
+    assert_eq!(server.metric("taskstream_resets_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_replay_longer_than_a_page_of_the_log_reads_every_page_then_live() {
+    // About 7 s in a debug build, and the same server and data directory in either pass.
+    if memory_only("the --data-dir server is the same on the Redis pass; it runs once") {
+        return;
+    }
+    let dir = TempDir(temp_dir());
+    // No fsync: this is about reading the log in pages (4,096 events), not about durability.
+    let server = TestServer::start_in(&dir.0, &["--buffer", "16", "--synchronous", "normal"]).await;
+    let server = Arc::new(server);
+    let mut published: Vec<String> = Vec::new();
+    // 64 at a time: one commit serves many, so 4,200 publishes take seconds, not tens.
+    for round in 0..4_200 / 64 + 1 {
+        let answers = futures_util::future::join_all((0..64).map(|i| {
+            let server = server.clone();
+            async move {
+                server
+                    .update(json!({"task_id": (round * 64 + i) % 50 + 1}))
+                    .await
+            }
+        }))
+        .await;
+        published.extend(answers);
+    }
+    published.sort_by_key(|id| id_key(id));
+    let mut stream = server
+        .subscribe_with("/events", &[("Last-Event-ID", &published[3])])
+        .await;
+    assert!(published.len() - 4 > 4_096, "more than a page to replay");
+    assert_eq!(
+        ids(&stream.events(published.len() - 4).await),
+        &published[4..]
+    );
     let live = server.update(json!({"task_id": 1})).await;
     assert_eq!(stream.next_event().await.id, Some(live));
     assert_eq!(server.metric("taskstream_resets_total").await, 0.0);

@@ -88,6 +88,11 @@ struct Args {
     /// that the run detects a loss: the run must then fail.
     #[arg(long)]
     sabotage: bool,
+    /// With `--backend sqlite`: the first node SIGKILL also deletes the node's WAL before the
+    /// restart, so the commits since the last checkpoint are gone, as on a disk that ignored
+    /// fsync. Shows that the run detects lost acknowledged changes: the run must then fail.
+    #[arg(long)]
+    sabotage_disk: bool,
     /// Where node and Redis logs go (default: a fresh directory under /tmp, removed after a
     /// clean run, kept after a failed one).
     #[arg(long)]
@@ -217,6 +222,8 @@ struct Cluster {
     /// Nodes that died without being killed.
     crashes: Vec<String>,
     receiver: Option<Arc<receiver::Receiver>>,
+    /// `--sabotage-disk`: the data directory whose WAL the next node SIGKILL deletes.
+    lose_wal: Option<std::path::PathBuf>,
 }
 
 impl Cluster {
@@ -247,6 +254,15 @@ impl Cluster {
             Fault::NodeKill => {
                 self.nodes[n].kill().await;
                 self.publish_addresses();
+                if let Some(data) = self.lose_wal.take() {
+                    let mut lost = Vec::new();
+                    for file in ["taskstream.db-wal", "taskstream.db-shm"] {
+                        if std::fs::remove_file(data.join(file)).is_ok() {
+                            lost.push(file);
+                        }
+                    }
+                    self.note(fault, format!("sabotage: node {n}'s {lost:?} deleted"));
+                }
                 let down = rng.millis(200, 1500);
                 self.note(fault, format!("node {n} SIGKILL, restarted after {down:?}"));
                 tokio::time::sleep(down).await;
@@ -494,6 +510,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
             );
         }
     }
+    if args.sabotage_disk && args.backend != Backend::Sqlite {
+        bail!("--sabotage-disk needs --backend sqlite: only that node keeps a WAL to lose");
+    }
     if let Some(f) = args.only.iter().find(|f| {
         !Fault::menu_for(args.backend, args.webhook)
             .iter()
@@ -616,6 +635,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         started,
         crashes: Vec::new(),
         receiver: receiver.clone(),
+        lose_wal: (args.sabotage_disk && args.backend == Backend::Sqlite).then(|| dir.join("data")),
     };
     let mean = args.fault_every.max(0.2);
     let mut deck = Vec::new();
@@ -844,6 +864,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<Value> {
         "seed": args.seed,
         "seconds": args.seconds,
         "sabotage": args.sabotage,
+        "sabotage_disk": args.sabotage_disk,
         "wall_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "nodes": cluster.nodes.len(),
         "subscribers": {"sse": args.sse, "ws": args.ws},

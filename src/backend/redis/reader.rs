@@ -184,7 +184,7 @@ fn stored_event(
         _ => return None,
     };
     let task_id = TaskId::parse(std::str::from_utf8(task_id?).ok()?).ok()?;
-    Event::from_stored(id, task_id, kind, data?.to_vec())
+    Event::from_stored(id, task_id, kind, data?)
         .ok()
         .map(Arc::new)
 }

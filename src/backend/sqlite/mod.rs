@@ -27,7 +27,7 @@ pub use schema::{OpenError, APPLICATION_ID, DB_FILE, LOCK_FILE, SCHEMA_VERSION};
 
 use super::{Accepted, BackendError, Snapshot};
 use crate::config::Config;
-use crate::event::{Event, EventId, EventKind};
+use crate::event::{Event, EventId, EventKind, InvalidStoredData, StoredFrames};
 use crate::filter::TaskFilter;
 use crate::hub::{Backfill, History, Hub, Resume, SubscribeError, Subscription};
 use crate::metrics::Metrics;
@@ -36,7 +36,7 @@ use crate::task::{Task, TaskId, TaskPatch};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use log::{error, info, warn};
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -51,6 +51,12 @@ use writer::Request;
 const QUEUE: usize = 16 * 1024;
 /// Idle read connections kept for replays.
 const READERS: usize = 4;
+/// Events read from disk in one go for a replay: a replay holds at most two pages (the one being
+/// sent and the next, read meanwhile), so its memory does not grow with the log.
+const PAGE: usize = 4096;
+/// The page's frames are written into one buffer reserved at about this size (4,096 events of a
+/// few hundred bytes); it grows if they are bigger.
+const PAGE_DATA_BYTES: usize = 1 << 20;
 
 pub struct SqliteBackend {
     shared: Arc<Shared>,
@@ -134,8 +140,9 @@ impl Shared {
         }
     }
 
-    /// Every event after `after` that the log holds, read in one read transaction (a consistent
-    /// view while the writer and the housekeeper go on).
+    /// The events after `after` that the log holds, at most `PAGE` of them, read in one read
+    /// transaction (a consistent view while the writer and the housekeeper go on); a full page
+    /// with more behind it is a `Backfill::Page`, and the hub asks again after its last id.
     fn read_after(&self, after: EventId) -> Result<Backfill, rusqlite::Error> {
         let newest = self.head_id();
         let after_seq = match after {
@@ -171,43 +178,46 @@ impl Shared {
                 });
             }
             let mut statement = tx.prepare_cached(
-                "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq",
+                "SELECT seq, kind, task_id, data FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let mut rows = statement.query([after_seq])?;
-            let mut events = Vec::new();
+            let mut rows = statement.query(params![after_seq, PAGE as u64])?;
+            let mut frames =
+                StoredFrames::with_capacity(PAGE.min((head - after_seq) as usize), PAGE_DATA_BYTES);
             let mut through = after;
             while let Some(row) = rows.next()? {
-                let seq: u64 = row.get(0)?;
-                through = self.id(seq);
-                match stored_event(
-                    self.id(seq),
-                    row.get(1)?,
-                    row.get_ref(2)?.as_str()?,
-                    row.get(3)?,
-                ) {
-                    Some(event) => events.push(Arc::new(event)),
-                    // Its position still counts: the events after it are no hole.
-                    None => error!(
-                        "sqlite: event {} is damaged and cannot be delivered",
-                        self.id(seq)
-                    ),
+                let id = self.id(row.get(0)?);
+                through = id;
+                let task_id = row.get_ref(2)?.as_str().ok().map(TaskId::parse);
+                let data = row.get_ref(3)?.as_blob().ok();
+                let stored = match (stored_kind(row.get(1)?), task_id, data) {
+                    (Some(kind), Some(Ok(task_id)), Some(data)) => {
+                        frames.push(id, task_id, kind, data)
+                    }
+                    _ => Err(InvalidStoredData),
+                };
+                // Its position still counts: the events after it are no hole.
+                if stored.is_err() {
+                    error!("sqlite: event {id} is damaged and cannot be delivered");
                 }
             }
-            Ok(Backfill::Events { events, through })
+            let events = frames.finish().into_iter().map(Arc::new).collect();
+            Ok(if through.seq < head && through != after {
+                Backfill::Page { events, through }
+            } else {
+                Backfill::Events { events, through }
+            })
         })();
         self.give_back(conn);
         read
     }
 }
 
-fn stored_event(id: EventId, kind: i64, task_id: &str, data: Vec<u8>) -> Option<Event> {
-    let kind = match kind {
-        0 => EventKind::TaskUpdated,
-        1 => EventKind::TaskDeleted,
-        _ => return None,
-    };
-    let task_id = TaskId::parse(task_id).ok()?;
-    Event::from_stored(id, task_id, kind, data).ok()
+fn stored_kind(kind: i64) -> Option<EventKind> {
+    match kind {
+        0 => Some(EventKind::TaskUpdated),
+        1 => Some(EventKind::TaskDeleted),
+        _ => None,
+    }
 }
 
 /// Wakes the housekeeper early, and stops it.
@@ -253,12 +263,21 @@ struct SqliteHistory(Arc<Shared>);
 impl History for SqliteHistory {
     fn after(&self, after: EventId) -> BoxFuture<'static, Backfill> {
         let shared = self.0.clone();
+        let read = {
+            let shared = shared.clone();
+            move || shared.read_after(after)
+        };
+        // Started now, not when first polled: the hub asks for the next page while it still
+        // sends the one before, so the disk read overlaps the sending. Outside a runtime (no
+        // caller does that today) it starts when first polled.
+        let started = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.spawn_blocking(read.clone()))
+            .ok();
         async move {
-            let read = tokio::task::spawn_blocking({
-                let shared = shared.clone();
-                move || shared.read_after(after)
-            })
-            .await;
+            let read = match started {
+                Some(started) => started.await,
+                None => tokio::task::spawn_blocking(read).await,
+            };
             match read {
                 Ok(Ok(backfill)) => backfill,
                 // The client reloads the snapshot rather than wait on a disk that fails.

@@ -217,8 +217,8 @@ fn apply(
             let event_id = shared.id(batch.seq);
             let event = Arc::new(Event::updated(event_id, &task));
             let key = task_id.to_string();
-            // A `Task` holds only strings, integers and a JSON map: serialising it cannot fail.
-            let json = serde_json::to_vec(&*task).expect("a task always serialises");
+            let json = task_json(&event.data);
+            debug_assert_eq!(json, serde_json::to_vec(&*task).unwrap());
             tx.prepare_cached(
                 "INSERT INTO events (seq, kind, task_id, data) VALUES (?1, 0, ?2, ?3)",
             )?
@@ -278,6 +278,17 @@ fn apply(
         Request::Stop => {}
     }
     Ok(())
+}
+
+/// The task's own JSON, as `serde_json::to_vec(&task)` writes it, cut from its event's `data`
+/// (`{"event":"task_updated",` then the task's fields): the writer serialises each task once.
+fn task_json(data: &[u8]) -> Vec<u8> {
+    const LEADING: &[u8] = b"{\"event\":\"task_updated\",";
+    debug_assert!(data.starts_with(LEADING));
+    let mut json = Vec::with_capacity(data.len() + 1 - LEADING.len());
+    json.push(b'{');
+    json.extend_from_slice(&data[LEADING.len()..]);
+    json
 }
 
 /// The task as this batch would leave it so far.
@@ -397,4 +408,25 @@ fn trim_tombstones_and_keys(conn: &Connection, shared: &Shared) -> rusqlite::Res
         tx.execute("DELETE FROM idempotency WHERE expires <= ?1", [expires])?;
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_task_json_cut_from_the_event_is_the_tasks_own() {
+        for body in [
+            r#"{"task_id": 7}"#,
+            r#"{"task_id": "a:b", "status": "x\"y", "title": "{\"event\":1}", "assignee": null,
+                "data": {"event": "task_updated", "n": [1, 2]}}"#,
+        ] {
+            let (id, patch) = TaskPatch::parse(body.as_bytes()).unwrap();
+            let task = patch.apply(id, None, "2026-12-02T00:00:00.000Z".into());
+            let event = Event::updated(EventId { epoch: 1, seq: 1 }, &task);
+            let json = task_json(&event.data);
+            assert_eq!(json, serde_json::to_vec(&task).unwrap(), "{body}");
+            assert_eq!(Task::from_stored(&json), Ok(task));
+        }
+    }
 }
