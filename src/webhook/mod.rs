@@ -107,11 +107,11 @@ pub async fn start(
         }
         // On Redis the group is created here, not when a worker first leads: the group starts at
         // the stream's end, and an event published in between would never reach this URL.
-        if let Some(group) = state
+        let on_redis = state
             .service
             .backend()
-            .webhook_group(&target.key, settings.lease)
-        {
+            .webhook_group(&target.key, settings.lease);
+        if let Some(group) = &on_redis {
             if let Err(e) = group.create().await {
                 log::warn!(
                     "webhook {}: cannot create its consumer group yet ({e}); it is created when Redis answers, and starts there",
@@ -126,7 +126,14 @@ pub async fn start(
             target,
             lifecycle.stopping(),
         );
-        lifecycle.spawn("webhook worker", worker.run());
+        let log = match on_redis {
+            Some(_) => None,
+            None => match worker.open_log().await {
+                Some(log) => Some(log),
+                None => continue,
+            },
+        };
+        lifecycle.spawn("webhook worker", worker.run(log));
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use super::{Settings, Target};
 use crate::auth::Access;
 use crate::backend::redis::webhook::WebhookGroup;
 use crate::event::{Event, EventId};
-use crate::hub::{Delivery, Resume};
+use crate::hub::{Delivery, Resume, Subscription};
 use crate::state::AppState;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -36,6 +36,12 @@ enum Outcome {
     Abandoned,
 }
 
+/// Where a worker on the log starts: its subscription and the position it was opened at.
+pub struct LogStart {
+    subscription: Subscription,
+    start: EventId,
+}
+
 pub struct Worker {
     state: Arc<AppState>,
     settings: Arc<Settings>,
@@ -60,11 +66,12 @@ impl Worker {
         }
     }
 
-    pub async fn run(self) {
+    /// On the log (memory, `--data-dir`): reads the stored position and subscribes. Awaited
+    /// before the server takes its first request, so every event acknowledged from then on
+    /// reaches this worker; `None` (logged) when it cannot deliver at all. On Redis the consumer
+    /// group plays this part (created in `webhook::start`).
+    pub async fn open_log(&self) -> Option<LogStart> {
         let backend = self.state.service.backend();
-        if let Some(group) = backend.webhook_group(&self.target.key, self.settings.lease) {
-            return self.run_group(group).await;
-        }
         let stored = match backend.webhook_position(&self.target.key).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -72,7 +79,7 @@ impl Worker {
                     "webhook {}: cannot read its position ({e}); not delivering",
                     self.target.shown
                 );
-                return;
+                return None;
             }
         };
         let resume = stored.map_or(Resume::Live, Resume::After);
@@ -81,19 +88,40 @@ impl Worker {
             .service
             .subscribe(&Access::Open, None, resume, HashSet::new())
             .await;
-        let mut subscription = match open {
+        let subscription = match open {
             Ok(open) => open.subscription,
             Err(e) => {
                 error!("webhook {}: cannot subscribe ({e})", self.target.shown);
-                return;
+                return None;
             }
         };
+        // Nothing is published before the server serves, so the head is where a live
+        // subscription starts.
         let start = stored.unwrap_or_else(|| self.state.hub().head());
         match stored {
             Some(at) => info!("webhook {}: resuming after {at}", self.target.shown),
             // Stored at once, so a crash before the first delivery still resumes from here.
             None => self.save(start).await,
         }
+        Some(LogStart {
+            subscription,
+            start,
+        })
+    }
+
+    /// Delivers until the lifecycle stops: from the consumer group on Redis, else from `log`.
+    pub async fn run(self, log: Option<LogStart>) {
+        let backend = self.state.service.backend();
+        if let Some(group) = backend.webhook_group(&self.target.key, self.settings.lease) {
+            return self.run_group(group).await;
+        }
+        let Some(LogStart {
+            mut subscription,
+            start,
+        }) = log
+        else {
+            return;
+        };
         let mut book = Book::new(start, self.settings.concurrency, WINDOW);
         let mut saved = start;
         // Ends the backoff waits at shutdown; requests already sent get until the deadline.
