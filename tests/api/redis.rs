@@ -86,14 +86,25 @@ async fn a_live_subscriber_gets_only_what_was_published_after_it_subscribed() {
     for round in 0..5 {
         // Cut B's reader off: it is behind for its backoff (50 ms) while A publishes.
         let reader = format!("name=taskstream-reader-{} ", b.pid());
-        let clients = redis.cli(&["CLIENT", "LIST"]);
-        let id = clients
-            .lines()
-            .find(|line| line.contains(&reader))
-            .and_then(|line| line.strip_prefix("id="))
-            .and_then(|rest| rest.split(' ').next())
-            .unwrap_or_else(|| panic!("B's reader in\n{clients}"))
-            .to_owned();
+        // After the previous round's kill the reader reconnects and then names itself: /healthz
+        // can be green in between, so its named connection is looked for until it shows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let id = loop {
+            let clients = redis.cli(&["CLIENT", "LIST"]);
+            let found = clients
+                .lines()
+                .find(|line| line.contains(&reader))
+                .and_then(|line| line.strip_prefix("id="))
+                .and_then(|rest| rest.split(' ').next())
+                .map(str::to_owned);
+            match found {
+                Some(id) => break id,
+                None if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => panic!("B's reader in\n{clients}"),
+            }
+        };
         redis.cli(&["CLIENT", "KILL", "ID", &id]);
         a.update(json!({"task_id": 1, "data": {"before": round}}))
             .await;

@@ -9,7 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Parses raw SSE bytes into (event type, id, data JSON) triples; the comment announcing a
 /// compacted catch-up counts as a `compacted` event without id or data.
 fn events_in(raw: &str) -> Vec<(String, String, serde_json::Value)> {
-    raw.split("\n\n")
+    // Only whole frames: whatever follows the last blank line is still arriving.
+    let complete = raw.rfind("\n\n").map_or("", |end| &raw[..end]);
+    complete
+        .split("\n\n")
         .filter_map(|frame| {
             if frame.lines().any(|l| l.starts_with(": compacted ")) {
                 return Some(("compacted".into(), String::new(), serde_json::Value::Null));
@@ -98,7 +101,13 @@ async fn a_subscriber_that_stops_reading_never_slows_others_and_memory_stays_bou
     let newest = server.update(padded(1, EVENTS, 0)).await;
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    while !String::from_utf8_lossy(&raw).contains(&format!("id: {newest}\n")) {
+    // Until the newest event's frame has arrived whole (a read can end inside a frame).
+    let newest_frame_complete = |raw: &[u8]| {
+        let text = String::from_utf8_lossy(raw);
+        text.find(&format!("id: {newest}\n"))
+            .is_some_and(|at| text[at..].contains("\n\n"))
+    };
+    while !newest_frame_complete(&raw) {
         let n = tokio::time::timeout(Duration::from_secs(15), stalled.read(&mut buf))
             .await
             .unwrap()
