@@ -223,7 +223,7 @@ for w in $RUNS; do
         elif [ "$server" = bare ]; then
             # The bench's taskstream requests are what the bare server speaks.
             "$BENCH_BIN" --target taskstream --spawn-server "$BARE_BIN" \
-                --spawn-args "--bind 127.0.0.1:{port}" \
+                --spawn-args="--bind 127.0.0.1:{port}" \
                 --server-log "$OUT/$server-$w.server.log" "${common[@]}" \
                 2>"$OUT/$server-$w.log" || rc=$?
         else
