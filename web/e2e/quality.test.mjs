@@ -119,7 +119,7 @@ if (!gate.ok && gate.fatal) {
         const report = {
           ...perf,
           browser: `Chromium ${browser?.version()} (headless, --disable-gpu)`,
-          server: 'taskstream debug build, 127.0.0.1',
+          server: `${path.relative(REPO_DIR, bin)}, 127.0.0.1`,
           machine: `${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`,
           measured_at: new Date().toISOString(),
         };
