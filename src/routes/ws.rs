@@ -13,12 +13,19 @@ use crate::task::TaskId;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use bytestring::ByteString;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::SystemTime;
 use tokio::time::{interval_at, MissedTickBehavior};
+
+/// Deliveries sent in one go before the connection looks at its other work again (a client's
+/// messages, pings, shutdown): a replay of thousands must not keep those waiting.
+const MAX_DELIVERIES_A_TURN: usize = 64;
 
 #[utoipa::path(
     get, path = "/ws", tag = "events",
@@ -183,7 +190,11 @@ impl Connection {
         let idle_timeout = self.state.service.limits().ws_idle_timeout;
         let mut ping = interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Made once, not per turn of the loop: each `cancelled()` registers with the token's
+        // shared waiter list, and every subscriber of an event would take its lock twice.
         let closing = self.state.hub().closing();
+        let closing = closing.cancelled();
+        tokio::pin!(closing);
         let expiry = token_expiry(access);
         tokio::pin!(expiry);
         // Until it subscribes, a connection must send a message at least this often: pings,
@@ -193,7 +204,7 @@ impl Connection {
         loop {
             let unsubscribed = self.subscription.is_none();
             let step = tokio::select! {
-                _ = closing.cancelled() => Err(close(CloseCode::Away, "server shutting down")),
+                () = &mut closing => Err(close(CloseCode::Away, "server shutting down")),
                 () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
                 () = tokio::time::sleep_until(idle_until), if unsubscribed => {
                     let idle = format!("no subscribe and no message within {} s", idle_timeout.as_secs());
@@ -205,7 +216,7 @@ impl Connection {
                     }
                     self.on_message(access, message).await
                 }
-                delivery = next_delivery(&mut self.subscription) => self.on_delivery(delivery).await,
+                delivery = next_delivery(&mut self.subscription) => self.on_deliveries(delivery).await,
                 _ = ping.tick() => self.on_ping_tick().await,
             };
             if let Err(stop) = step {
@@ -215,11 +226,16 @@ impl Connection {
     }
 
     /// Sends one message, bounded in time: a client that stops reading fills its queue, and is
-    /// then treated like one that stopped answering pings.
+    /// then treated like one that stopped answering pings. The timer is started only when the
+    /// queue is full: one per message and subscriber cost a clock read and a timer-wheel entry
+    /// on every delivery.
     async fn send(&mut self, message: ByteString) -> Result<(), Stop> {
-        within_time(
-            tokio::time::timeout(2 * self.state.keep_alive, self.session.text(message)).await,
-        )
+        let keep_alive = self.state.keep_alive;
+        let mut send = pin!(self.session.text(message));
+        if let Poll::Ready(sent) = poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+            return within_time(Ok(sent));
+        }
+        within_time(tokio::time::timeout(2 * keep_alive, send).await)
     }
 
     async fn send_error(&mut self, request_id: Value, error: impl ToString) -> Result<(), Stop> {
@@ -243,6 +259,22 @@ impl Connection {
             Some(heartbeat) => self.send(heartbeat).await,
             None => Ok(()),
         }
+    }
+
+    /// Sends this delivery and every one already waiting, without a turn of the `select!` (which
+    /// polls every other branch again) per event.
+    async fn on_deliveries(&mut self, delivery: Option<Delivery>) -> Result<(), Stop> {
+        self.on_delivery(delivery).await?;
+        for _ in 1..MAX_DELIVERIES_A_TURN {
+            let Some(subscription) = self.subscription.as_mut() else {
+                break;
+            };
+            match subscription.next().now_or_never() {
+                Some(delivery) => self.on_delivery(delivery).await?,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     async fn on_delivery(&mut self, delivery: Option<Delivery>) -> Result<(), Stop> {

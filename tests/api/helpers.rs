@@ -146,7 +146,9 @@ impl TestServer {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("taskstream {args:?} did not exit by itself");
+                // What it printed says where it stopped (a refusal that should have exited).
+                let stderr = reader.join().unwrap_or_default();
+                panic!("taskstream {args:?} did not exit by itself within {PATIENCE:?}; stderr:\n{stderr}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
