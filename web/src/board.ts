@@ -389,29 +389,30 @@ class TaskTable {
     // version and the time, and every cell written costs its shaping, layout and paint.
     const was = this.filled.get(row);
     this.filled.set(row, task);
-    if (was?.task_id !== task.task_id) {
+    const differs = (field: keyof Task) => was === undefined || was[field] !== task[field];
+    if (differs('task_id')) {
       id!.lastChild!.textContent = String(task.task_id);
       id!.title = String(task.task_id);
     }
-    if (was?.title !== task.title || !was) {
+    if (differs('title')) {
       title!.textContent = task.title ?? '';
       // The whole text, for a title the column cuts.
       title!.title = task.title ?? '';
     }
-    if (was?.status !== task.status || !was) {
+    if (differs('status')) {
       const pill = el('span', `pill ${statusClass(task.status)}`, task.status ?? '—');
       pill.title = task.status ?? '';
       status!.replaceChildren(pill);
       row.dataset.status = task.status ?? '';
     }
-    if (was?.assignee !== task.assignee || !was) {
+    if (differs('assignee')) {
       assignee!.textContent = task.assignee || 'unassigned';
       assignee!.title = task.assignee ?? '';
       assignee!.classList.toggle('unassigned', !task.assignee);
       row.dataset.assignee = task.assignee ?? '';
     }
     version!.textContent = `v${task.version}`;
-    if (was?.updated_at !== task.updated_at || !was) {
+    if (differs('updated_at')) {
       time!.textContent = timeOf(task.updated_at);
       time!.title = fullTimeOf(task.updated_at);
     }
