@@ -26,6 +26,8 @@ import {
 } from './harness.mjs';
 
 const gate = browserGate();
+/** Updates timed by the latency test: fewer in CI, where the test is a check, not the figures of docs/web.md. */
+const LATENCY_SAMPLES = process.env.CI === 'true' ? 40 : 100;
 
 if (!gate.ok && gate.fatal) {
   nodeTest('Chromium is available for the browser tests', () => {
@@ -249,7 +251,7 @@ if (!gate.ok && gate.fatal) {
           assert.deepEqual(b.problems.filter((p) => !/status of 503/.test(p)), []);
         });
 
-        test(`latency: POST to visible in the page, p50 and p99 over 100 updates after a pause${transport === 'websocket' ? ', and update_task on a socket to visible' : ''}`, async () => {
+        test(`latency: POST to visible in the page, p50 and p99 over ${LATENCY_SAMPLES} updates after a pause${transport === 'websocket' ? ', and update_task on a socket to visible' : ''}`, async () => {
           const s = await server();
           const { page, problems } = await board(boardUrl(s.url));
           await post(s.url, { task_id: 'latency', status: 'todo' });
@@ -326,7 +328,7 @@ if (!gate.ok && gate.fatal) {
               }
               ws?.close();
               return { dom, frame };
-            }, { warmup: 5, samples: 100, via, pauseMs: 120 });
+            }, { warmup: 5, samples: LATENCY_SAMPLES, via, pauseMs: 120 });
 
           const round = (/** @type {number} */ x) => Math.round(x * 100) / 100;
           const summary = (/** @type {{ dom: number[], frame: number[] }} */ result) => {
@@ -363,7 +365,7 @@ if (!gate.ok && gate.fatal) {
           const dir = path.join(WEB_DIR, 'test-results');
           mkdirSync(dir, { recursive: true });
           writeFileSync(path.join(dir, `latency-${transport}.json`), JSON.stringify(report, null, 2) + '\n');
-          assert.equal(report.samples, 100);
+          assert.equal(report.samples, LATENCY_SAMPLES);
           assert.ok(report.p99_ms < 1000, `p99 ${report.p99_ms} ms`);
           if (report.update_task_on_a_socket) assert.ok(report.update_task_on_a_socket.p99_ms < 1000);
           assert.deepEqual(problems, []);
