@@ -367,6 +367,9 @@ if (!gate.ok && gate.fatal) {
           writeFileSync(path.join(dir, `latency-${transport}.json`), JSON.stringify(report, null, 2) + '\n');
           assert.equal(report.samples, LATENCY_SAMPLES);
           assert.ok(report.p99_ms < 1000, `p99 ${report.p99_ms} ms`);
+          // A change after a quiet moment is drawn at the next frame, not held for the 100 ms a
+          // stream of changes waits (docs/web.md): 8 to 13 ms at p50 measured, quiet or in CI.
+          assert.ok(report.p50_ms < 60, `p50 ${report.p50_ms} ms: a lone change waited for the data frame`);
           if (report.update_task_on_a_socket) assert.ok(report.update_task_on_a_socket.p99_ms < 1000);
           assert.deepEqual(problems, []);
         });

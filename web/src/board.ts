@@ -37,9 +37,8 @@ const LOG_LINES = 50;
 /** Rows rendered above and below the visible window, so a fast scroll shows no blank. */
 const OVERSCAN = 8;
 /** What the event stream changes is drawn at most this often (see {@link Frame}). */
-const DATA_FRAME_MS = ((ms: number) => (Number.isFinite(ms) && ms >= 0 ? ms : 100))(
-  Number(new URLSearchParams(location.search).get('frame_ms') ?? 100),
-);
+const frameMsParam = Number(new URLSearchParams(location.search).get('frame_ms') ?? NaN);
+const DATA_FRAME_MS = Number.isFinite(frameMsParam) && frameMsParam >= 0 ? frameMsParam : 100;
 /** How long a changed row keeps its marker. */
 const FRESH_MS = 1000;
 /** The spoken summary of changes comes at most this often. */
@@ -430,7 +429,7 @@ class TaskTable {
   private mark(row: HTMLTableRowElement): void {
     row.classList.add('fresh');
     this.fresh.set(row, performance.now() + FRESH_MS);
-    if (this.freshTimer === undefined) this.unmarkLater(FRESH_MS);
+    this.unmarkLater();
   }
 
   private unmarkOlderThan(now: number): void {
@@ -439,16 +438,18 @@ class TaskTable {
       row.classList.remove('fresh');
       this.fresh.delete(row);
     }
+    this.unmarkLater();
   }
 
-  private unmarkLater(ms: number): void {
+  /** One timer, for the earliest marker to go; the draw it asks for arms the next. */
+  private unmarkLater(): void {
+    if (this.freshTimer !== undefined || this.fresh.size === 0) return;
+    let next = Infinity;
+    for (const until of this.fresh.values()) next = Math.min(next, until);
     this.freshTimer = setTimeout(() => {
       this.freshTimer = undefined;
       frame.schedule(this.draw, true);
-      let next = Infinity;
-      for (const until of this.fresh.values()) next = Math.min(next, until);
-      if (next !== Infinity) this.unmarkLater(Math.max(0, next - performance.now()) + 10);
-    }, ms);
+    }, next - performance.now());
   }
 }
 
