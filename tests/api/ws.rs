@@ -543,3 +543,52 @@ async fn update_task_messages_honour_max_body_bytes() {
         "only the small one"
     );
 }
+
+/// SPEC, `/ws`: "Slow clients ... behave as on `/events`": a socket that stops reading never holds
+/// up publishers or other sockets, and the server closes it rather than keep it for good (here its
+/// unanswered pings end it; with the send timeout switched off it is still closed, so this test
+/// does not single out that timeout).
+#[tokio::test]
+async fn a_socket_that_stops_reading_is_closed_and_never_slows_the_others() {
+    let server = TestServer::start(&["--keep-alive", "1", "--buffer", "64"]).await;
+    let mut stalled = WsClient::connect(&server).await;
+    stalled.send(json!({"type": "subscribe"})).await;
+    let mut reader = WsClient::connect(&server).await;
+    reader.send(json!({"type": "subscribe"})).await;
+    server.wait_for_metric("taskstream_ws_clients", 2.0).await;
+
+    // 1,000 events of ~8 KiB: 8 MiB, far more than the stalled socket's buffers and queue hold.
+    const EVENTS: u64 = 1000;
+    let reading = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < EVENTS {
+            let message = reader.json().await;
+            if message["type"] == "event" {
+                assert_eq!(
+                    message["data"]["data"]["seq"].as_u64(),
+                    Some(seen),
+                    "in order, none lost"
+                );
+                seen += 1;
+            }
+        }
+    });
+    let started = Instant::now();
+    for seq in 0..EVENTS {
+        server
+            .update(crate::helpers::padded(1, seq, 8 * 1024))
+            .await;
+    }
+    let publishing = started.elapsed();
+    tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .expect("the reading socket got every event within 30 s")
+        .unwrap();
+    assert!(
+        publishing < Duration::from_secs(20),
+        "publishing took {publishing:?}"
+    );
+    // The stalled one is closed by the server, not kept for good.
+    server.wait_for_metric("taskstream_ws_clients", 0.0).await;
+    drop(stalled);
+}
