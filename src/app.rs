@@ -118,6 +118,7 @@ fn redacted_request_line(req: &ServiceRequest) -> String {
 /// stops accepting, and returns once connections are closed (at most `--shutdown-timeout` later).
 pub async fn run(
     listener: TcpListener,
+    publish_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> std::io::Result<()> {
@@ -139,7 +140,7 @@ pub async fn run(
     let cors_origins = config.cors_origin.clone();
     let hsts = tls.is_some();
     let allowed_origins = web::Data::new(crate::origin::AllowedOrigins(cors_origins.clone()));
-    let mut server = HttpServer::new(move || {
+    let app = move || {
         let metrics = app_state.metrics.clone();
         App::new()
             .app_data(app_state.clone())
@@ -178,44 +179,67 @@ pub async fn run(
             .wrap(from_fn(crate::http_guard::close_unfinished_bodies))
             .configure(routes)
             .default_service(web::to(not_found))
-    })
-    // A subscriber that goes away only shows as EOF on the read side; without this actix keeps
-    // the idle stream (and its subscription) until a write fails, up to a keep-alive later.
-    // EventSource and curl never half-close, so nothing legitimate is cut.
-    .h1_allow_half_closed(false)
-    .on_connect(crate::http_guard::on_connect)
-    // Slow-loris: a client gets this long for the request head (and for a TLS handshake); the
-    // body has its own timeout in the handler.
-    .client_request_timeout(config.request_timeout())
-    .tls_handshake_timeout(config.request_timeout())
-    // No linger after a response whose request body was not read to its end. actix would keep
-    // reading such a connection for up to this long before closing it, and an upgraded WebSocket
-    // is always such a connection: after the close handshake the client waits for the server to
-    // close TCP (RFC 6455 7.1.1), so every close took the whole linger (about 0.9 s).
-    .client_disconnect_timeout(Duration::ZERO)
-    .disable_signals()
-    .shutdown_timeout(config.shutdown_timeout)
-    // A reconnect storm of thousands of clients must not overflow the accept queue.
-    .backlog(8192)
-    // actix keeps a connection's write buffer at the largest size it reached (up to 128 KiB),
-    // and a replay fills it to this threshold before flushing: with actix's 32 KiB, every
-    // stream that ever replayed kept about 40 KiB after a reconnect storm.
-    .h1_write_buffer_size(8 * 1024);
-    if let Some(workers) = config.workers {
-        server = server.workers(workers.into());
-    }
-    let server = match tls {
-        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
-        None => server.listen(listener)?,
-    }
-    .run();
-    let handle = server.handle();
+    };
+    let serve = |workers: Option<usize>, listener, tls: Option<rustls::ServerConfig>| {
+        let server = HttpServer::new(app.clone())
+            // A subscriber that goes away only shows as EOF on the read side; without this actix
+            // keeps the idle stream (and its subscription) until a write fails, up to a
+            // keep-alive later. EventSource and curl never half-close, so nothing legitimate is
+            // cut.
+            .h1_allow_half_closed(false)
+            .on_connect(crate::http_guard::on_connect)
+            // Slow-loris: a client gets this long for the request head (and for a TLS
+            // handshake); the body has its own timeout in the handler.
+            .client_request_timeout(config.request_timeout())
+            .tls_handshake_timeout(config.request_timeout())
+            // No linger after a response whose request body was not read to its end. actix would
+            // keep reading such a connection for up to this long before closing it, and an
+            // upgraded WebSocket is always such a connection: after the close handshake the
+            // client waits for the server to close TCP (RFC 6455 7.1.1), so every close took the
+            // whole linger (about 0.9 s).
+            .client_disconnect_timeout(Duration::ZERO)
+            .disable_signals()
+            .shutdown_timeout(config.shutdown_timeout)
+            // A reconnect storm of thousands of clients must not overflow the accept queue.
+            .backlog(8192)
+            // actix keeps a connection's write buffer at the largest size it reached (up to 128
+            // KiB), and a replay fills it to this threshold before flushing: with actix's 32 KiB,
+            // every stream that ever replayed kept about 40 KiB after a reconnect storm.
+            .h1_write_buffer_size(8 * 1024);
+        let server = match workers {
+            Some(workers) => server.workers(workers),
+            None => server,
+        };
+        Ok::<_, std::io::Error>(
+            match tls {
+                Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+                None => server.listen(listener)?,
+            }
+            .run(),
+        )
+    };
+    // Its own worker: a publish there is read and answered by a thread that writes no stream,
+    // so it does not wait its turn behind thousands of subscribers woken by the last event.
+    let publish_server = match publish_listener {
+        Some(listener) => Some(serve(Some(1), listener, tls.clone())?),
+        None => None,
+    };
+    let main_server = serve(config.workers.map(usize::from), listener, tls)?;
+    let handles: Vec<_> = std::iter::once(main_server.handle())
+        .chain(publish_server.as_ref().map(|s| s.handle()))
+        .collect();
     actix_web::rt::spawn(async move {
         shutdown.await;
         state.hub().close();
-        handle.stop(true).await;
+        futures_util::future::join_all(handles.iter().map(|h| h.stop(true))).await;
     });
-    server.await?;
+    match publish_server {
+        Some(publish_server) => {
+            let (main, publish) = futures_util::future::join(main_server, publish_server).await;
+            main.and(publish)?;
+        }
+        None => main_server.await?,
+    }
     lifecycle
         .stop(Duration::from_secs(config.shutdown_timeout.max(2)))
         .await;

@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
 
+    /// A second address, served by a worker thread of its own, with the same API: point
+    /// publishers (and probes) at it, and a POST there never queues behind the writing of the
+    /// streams on --bind. Port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "TASKSTREAM_PUBLISH_BIND")]
+    pub publish_bind: Option<String>,
+
     /// Events kept for replay with Last-Event-ID (the ring buffer's capacity).
     #[arg(long, env = "TASKSTREAM_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -32,16 +32,46 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let publish_listener = match config
+        .publish_bind
+        .as_deref()
+        .map(taskstream::listener::bind)
+    {
+        None => None,
+        Some(Ok(listener)) => Some(listener),
+        Some(Err(e)) => {
+            error!(
+                "cannot listen on {} (--publish-bind): {e}",
+                config.publish_bind.as_deref().unwrap_or_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let address = listener
         .local_addr()
         .map_or_else(|_| config.bind.clone(), |a| a.to_string());
-    // Tests and scripts read this line to find a port chosen with `--bind 127.0.0.1:0`.
+    // Tests and scripts read this line (the first) to find a port chosen with `--bind 127.0.0.1:0`.
     println!("taskstream listening on {scheme}://{address}");
+    if let Some(Ok(publish)) = publish_listener.as_ref().map(|l| l.local_addr()) {
+        info!("publish listener on {scheme}://{publish} (a worker thread of its own)");
+        // A reader that wanted only the first line may have closed stdout: not worth a panic.
+        let _ = writeln!(
+            std::io::stdout(),
+            "taskstream publish listener on {scheme}://{publish}"
+        );
+    }
     let _ = std::io::stdout().flush();
     info!("listening on {scheme}://{address} (buffer {} events, keep-alive {}s, retry {}ms, max {} subscribers, auth {})",
         config.buffer, config.keep_alive, config.retry, config.max_subscribers,
         if config.auth_enabled() { "on" } else { "off" });
-    match app::run(listener, config, shutdown::signal_received()).await {
+    match app::run(
+        listener,
+        publish_listener,
+        config,
+        shutdown::signal_received(),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("server failed: {e}");

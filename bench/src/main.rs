@@ -85,6 +85,11 @@ struct Args {
     #[arg(long, env = "TSB_URL")]
     url: Option<String>,
 
+    /// Publish here instead of to --url (taskstream's --publish-bind listener), e.g.
+    /// http://127.0.0.1:18099; with --spawn-server give that address in --spawn-args.
+    #[arg(long)]
+    publish_url: Option<String>,
+
     /// How the subscribers receive events: sse (GET /events) or ws (GET /ws).
     #[arg(long, value_enum, default_value = "sse")]
     transport: Transport,
@@ -540,8 +545,15 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
         source_ips: srcs.clone(),
         head_timeout: Duration::from_secs_f64(a.head_timeout).min(deadline.left()),
     });
+    let publish_nodes = match &a.publish_url {
+        Some(url) => {
+            let (addr, host) = resolve(url)?;
+            vec![Node { addr, host }]
+        }
+        None => nodes,
+    };
     let pub_cfg = Arc::new(PubCfg {
-        nodes,
+        nodes: publish_nodes,
         path: pub_path,
         run: run_id,
         tasks: plan.tasks,

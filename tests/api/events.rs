@@ -286,3 +286,49 @@ async fn with_heartbeat_1_idle_ticks_are_named_events_without_an_id() {
         "{comment:?}"
     );
 }
+
+#[tokio::test]
+async fn a_publish_on_the_publish_listener_reaches_the_streams_of_the_main_one() {
+    let mut server = TestServer::start(&["--publish-bind", "127.0.0.1:0"]).await;
+    let logs = server.wait_for_log("publish listener on ").await;
+    let publish_base = logs
+        .lines()
+        .find_map(|line| line.split("publish listener on ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the publish listener's address in the log")
+        .to_owned();
+    assert_ne!(publish_base, server.base);
+    let mut stream = server.subscribe("/events").await;
+    let answer = server
+        .client
+        .post(format!("{publish_base}/update_task"))
+        .json(&json!({"task_id": 7, "status": "done"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let accepted: serde_json::Value = answer.json().await.unwrap();
+    let event = stream.next_event().await;
+    assert_eq!(event.id.as_deref(), accepted["event_id"].as_str());
+    assert_eq!(event.json()["status"], "done");
+    // The same API and state there: the snapshot, and the probes a balancer would ask.
+    let tasks: serde_json::Value = server
+        .client
+        .get(format!("{publish_base}/tasks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks["last_event_id"], accepted["event_id"]);
+    // A stop ends both listeners.
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).await.success());
+    assert!(server
+        .client
+        .get(format!("{publish_base}/healthz"))
+        .send()
+        .await
+        .is_err());
+}
