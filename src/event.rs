@@ -2,7 +2,6 @@
 
 use crate::task::{Task, TaskId};
 use bytes::Bytes;
-use bytestring::ByteString;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -93,8 +92,8 @@ pub struct Event {
     pub frame: Bytes,
     /// The `data` JSON, a slice of `frame` (no second copy), for transports that frame it their own way.
     pub data: Bytes,
-    /// `text_message`'s cache.
-    text_message: OnceLock<ByteString>,
+    /// `ws_frame`'s cache.
+    ws_frame: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -154,15 +153,16 @@ impl Event {
             kind,
             frame,
             data,
-            text_message: OnceLock::new(),
+            ws_frame: OnceLock::new(),
         }
     }
 
-    /// The event in a transport's own text format (the WebSocket message), encoded by the first
-    /// subscriber of that transport and shared by all the others; events nobody reads that way
-    /// never pay for it. The format itself belongs to the transport.
-    pub fn text_message(&self, encode: impl FnOnce(&Event) -> ByteString) -> ByteString {
-        self.text_message.get_or_init(|| encode(self)).clone()
+    /// The event as one complete WebSocket frame, header and all: a server's frames are not
+    /// masked, so the same bytes suit every socket, as `frame` does for SSE. Encoded by the first
+    /// WebSocket subscriber and shared by all the others; events nobody reads that way never pay
+    /// for it. The format itself belongs to the transport, which passes its encoder in.
+    pub fn ws_frame(&self, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
+        self.ws_frame.get_or_init(|| encode(self)).clone()
     }
 }
 
@@ -235,7 +235,7 @@ impl StoredFrames {
                     kind,
                     data: buffer.slice(data_start..frame_end - b"\n\n".len()),
                     frame: buffer.slice(frame_start..frame_end),
-                    text_message: OnceLock::new(),
+                    ws_frame: OnceLock::new(),
                 },
             )
             .collect()

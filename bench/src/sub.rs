@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -643,24 +643,49 @@ async fn read_loop(
                         return exit;
                     }
                 }
-                message = socket.next() => match message {
-                    None | Some(Ok(Message::Close(_))) => return Exit::Eof,
-                    Some(Err(e)) => return Exit::Error(e.to_string()),
-                    Some(Ok(Message::Text(text))) => {
-                        let now = now_ns();
-                        if let Some(ev) = ws_event(text.as_bytes()) {
-                            last_id.clear();
-                            last_id.extend_from_slice(ev.id);
-                            if let Some(l) = tracker.on_event(&ev, cfg.run, now) {
-                                lat.push(l);
-                            }
+                message = socket.next() => {
+                    // Every message already read is taken in this turn, and their latencies
+                    // recorded under one lock, as the SSE side does per read: a lock and a
+                    // `select!` per message made the client, not the server, the bound.
+                    let now = now_ns();
+                    let mut next = Some(message);
+                    while let Some(message) = next {
+                        if let Some(exit) = on_ws_message(message, last_id, tracker, cfg, now, &mut lat) {
+                            flush_latencies(shared, tracker, phase, &mut lat, now);
+                            return exit;
                         }
-                        flush_latencies(shared, tracker, phase, &mut lat, now);
+                        next = socket.next().now_or_never();
                     }
-                    Some(Ok(_)) => {}
-                },
+                    flush_latencies(shared, tracker, phase, &mut lat, now);
+                }
             }
         },
+    }
+}
+
+/// One `/ws` message through the tracker; `Some` when the connection is over.
+fn on_ws_message(
+    message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    last_id: &mut Vec<u8>,
+    tracker: &mut Tracker,
+    cfg: &SubCfg,
+    now: u64,
+    lat: &mut Vec<u64>,
+) -> Option<Exit> {
+    match message {
+        None | Some(Ok(Message::Close(_))) => Some(Exit::Eof),
+        Some(Err(e)) => Some(Exit::Error(e.to_string())),
+        Some(Ok(Message::Text(text))) => {
+            if let Some(ev) = ws_event(text.as_bytes()) {
+                last_id.clear();
+                last_id.extend_from_slice(ev.id);
+                if let Some(l) = tracker.on_event(&ev, cfg.run, now) {
+                    lat.push(l);
+                }
+            }
+            None
+        }
+        Some(Ok(_)) => None,
     }
 }
 

@@ -10,22 +10,22 @@ use crate::routes::connection::{peer, ConnectionLog};
 use crate::service::{Open, PatchInput, Refusal};
 use crate::state::AppState;
 use crate::task::TaskId;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use bytes::Bytes;
 use bytestring::ByteString;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Context, Poll, Waker};
 use std::time::SystemTime;
 use tokio::time::{interval_at, MissedTickBehavior};
-
-/// Deliveries sent in one go before the connection looks at its other work again (a client's
-/// messages, pings, shutdown): a replay of thousands must not keep those waiting.
-const MAX_DELIVERIES_A_TURN: usize = 64;
 
 #[utoipa::path(
     get, path = "/ws", tag = "events",
@@ -80,11 +80,20 @@ pub async fn ws(
                 .unwrap_or("-")
         ),
     );
+    let feed = Feed::default();
+    // Events go straight from the subscription into the response, as `/events` does: not
+    // through the session's channel and actix-ws's per-socket frame encoding.
+    let response = response.map_body(|_, replies| {
+        BoxBody::new(WsBody {
+            replies,
+            feed: feed.clone(),
+        })
+    });
     let connection = Connection {
         state: state.into_inner(),
         req,
         session,
-        subscription: None,
+        feed,
         place: None,
         ip_slot: None,
         unanswered_pings: 0,
@@ -132,8 +141,10 @@ struct Connection {
     state: Arc<AppState>,
     /// The upgrade request: the client's address for the per-IP limits.
     req: HttpRequest,
+    /// Replies, pings, pongs and the close frame; events go through `feed`.
     session: Session,
-    subscription: Option<Subscription>,
+    /// The subscription, shared with the response body that delivers its events.
+    feed: Feed,
     /// Its place under `--max-subscribers` while it has no subscription (which holds its own).
     place: Option<SubscriberSlot>,
     /// Its place under `--max-subscribers-per-ip`, from the upgrade to the end.
@@ -175,8 +186,10 @@ impl Connection {
                 }
             }
         };
-        // Free the hub place before the close handshake, which a dead client never finishes.
-        self.subscription = None;
+        // Free the hub place before the close handshake, which a dead client never finishes; and
+        // with the subscription gone the body sends no event after the close frame.
+        self.log.events = self.feed.events();
+        self.feed.replace(None);
         self.place = None;
         self.ip_slot = None;
         if let Stop(Some(reason)) = stop {
@@ -184,7 +197,8 @@ impl Connection {
         }
     }
 
-    /// Until the connection must stop: messages, deliveries, pings, expiry and shutdown.
+    /// Until the connection must stop: messages, the subscription's end, pings, expiry and
+    /// shutdown. The events themselves the response body takes from the subscription.
     async fn serve(&mut self, access: &Access, messages: &mut AggregatedMessageStream) -> Stop {
         let keep_alive = self.state.keep_alive;
         let idle_timeout = self.state.service.limits().ws_idle_timeout;
@@ -201,8 +215,9 @@ impl Connection {
         // pongs and an unfinished fragmented message do not count, so a socket cannot hold its
         // places and its fragment buffer for good.
         let mut idle_until = tokio::time::Instant::now() + idle_timeout;
+        let feed = self.feed.clone();
         loop {
-            let unsubscribed = self.subscription.is_none();
+            let unsubscribed = !feed.subscribed();
             let step = tokio::select! {
                 () = &mut closing => Err(close(CloseCode::Away, "server shutting down")),
                 () = &mut expiry => Err(close(CloseCode::Policy, "token expired")),
@@ -214,9 +229,14 @@ impl Connection {
                     if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) {
                         idle_until = tokio::time::Instant::now() + idle_timeout;
                     }
-                    self.on_message(access, message).await
+                    // A reply comes before any event published after the message was read (an
+                    // ack before the update's own event), as when one task sent both.
+                    feed.hold(true);
+                    let handled = self.on_message(access, message).await;
+                    feed.hold(false);
+                    handled
                 }
-                delivery = next_delivery(&mut self.subscription) => self.on_deliveries(delivery).await,
+                reason = feed.ended() => Err(end_close(reason)),
                 _ = ping.tick() => self.on_ping_tick().await,
             };
             if let Err(stop) = step {
@@ -225,10 +245,9 @@ impl Connection {
         }
     }
 
-    /// Sends one message, bounded in time: a client that stops reading fills its queue, and is
+    /// Sends one reply, bounded in time: a client that stops reading fills its queue, and is
     /// then treated like one that stopped answering pings. The timer is started only when the
-    /// queue is full: one per message and subscriber cost a clock read and a timer-wheel entry
-    /// on every delivery.
+    /// queue is full, which it almost never is.
     async fn send(&mut self, message: ByteString) -> Result<(), Stop> {
         let keep_alive = self.state.keep_alive;
         let mut send = pin!(self.session.text(message));
@@ -258,43 +277,6 @@ impl Connection {
         match self.heartbeat.clone() {
             Some(heartbeat) => self.send(heartbeat).await,
             None => Ok(()),
-        }
-    }
-
-    /// Sends this delivery and every one already waiting, without a turn of the `select!` (which
-    /// polls every other branch again) per event.
-    async fn on_deliveries(&mut self, delivery: Option<Delivery>) -> Result<(), Stop> {
-        self.on_delivery(delivery).await?;
-        for _ in 1..MAX_DELIVERIES_A_TURN {
-            let Some(subscription) = self.subscription.as_mut() else {
-                break;
-            };
-            match subscription.next().now_or_never() {
-                Some(delivery) => self.on_delivery(delivery).await?,
-                None => break,
-            }
-        }
-        Ok(())
-    }
-
-    async fn on_delivery(&mut self, delivery: Option<Delivery>) -> Result<(), Stop> {
-        match delivery {
-            Some(Delivery::Event(event)) => {
-                self.log.events += 1;
-                self.send(event.text_message(event_message)).await
-            }
-            Some(Delivery::Reset { newest, reason }) => {
-                self.send(reset_ws_message(newest, reason.as_str())).await
-            }
-            Some(Delivery::Compacted { since, tasks }) => {
-                self.send(compacted_ws_message(since, tasks)).await
-            }
-            Some(Delivery::End(EndReason::Shutdown)) | None => {
-                Err(close(CloseCode::Away, "server shutting down"))
-            }
-            Some(Delivery::End(EndReason::TokenExpired)) => {
-                Err(close(CloseCode::Policy, "token expired"))
-            }
         }
     }
 
@@ -386,7 +368,7 @@ impl Connection {
         }
         // The connection's hub place (or its old subscription's) is given back just before the
         // new subscription takes one; its per-IP place it keeps, so no peer is passed.
-        self.subscription = None;
+        self.feed.replace(None);
         self.place = None;
         let opened = self
             .state
@@ -402,7 +384,7 @@ impl Connection {
         }
         match opened {
             Ok(Open { subscription, .. }) => {
-                self.subscription = Some(subscription);
+                self.feed.replace(Some(subscription));
                 Ok(())
             }
             Err(Refusal::Limited(limited)) => Err(close(CloseCode::Again, &limited.message)),
@@ -484,14 +466,6 @@ async fn token_expiry(access: &Access) {
     }
 }
 
-async fn next_delivery(subscription: &mut Option<Subscription>) -> Option<Delivery> {
-    match subscription {
-        Some(subscription) => subscription.next().await,
-        // Nothing is delivered before the client subscribes.
-        None => std::future::pending().await,
-    }
-}
-
 fn parse_task_ids(value: Option<Value>) -> Result<HashSet<TaskId>, String> {
     let ids = match value {
         None | Some(Value::Null) => return Ok(HashSet::new()),
@@ -501,6 +475,179 @@ fn parse_task_ids(value: Option<Value>) -> Result<HashSet<TaskId>, String> {
     ids.iter()
         .map(|id| TaskId::from_json(id).map_err(|e| format!("task_ids: {id}: {e}")))
         .collect()
+}
+
+/// The subscription's end as a close: the code tells the client what to do next.
+fn end_close(reason: EndReason) -> Stop {
+    match reason {
+        EndReason::Shutdown => close(CloseCode::Away, "server shutting down"),
+        EndReason::TokenExpired => close(CloseCode::Policy, "token expired"),
+    }
+}
+
+/// The subscription, between the connection task (which replaces it on `subscribe` and drops
+/// it at the end) and the response body (which polls it for events). Both run on the worker
+/// thread that owns the socket, so a `RefCell` is enough.
+#[derive(Clone, Default)]
+struct Feed(Rc<RefCell<FeedState>>);
+
+#[derive(Default)]
+struct FeedState {
+    subscription: Option<Subscription>,
+    /// The task is handling a client message: its reply must go out before the next event.
+    held: bool,
+    /// The subscription ended: the body takes nothing more from it, and the task closes.
+    ended: Option<EndReason>,
+    /// Events the body sent, for the connection's log.
+    events: u64,
+    /// To wake the body when a subscription arrives or a hold is lifted.
+    body: Option<Waker>,
+    /// To wake the task when the subscription ends.
+    task: Option<Waker>,
+}
+
+impl Feed {
+    /// Drops the old subscription, and with it its hub place, before the caller takes another.
+    fn replace(&self, subscription: Option<Subscription>) {
+        let (old, body) = {
+            let mut state = self.0.borrow_mut();
+            let old = std::mem::replace(&mut state.subscription, subscription);
+            (old, state.body.clone())
+        };
+        drop(old);
+        if let Some(body) = body {
+            body.wake();
+        }
+    }
+
+    fn subscribed(&self) -> bool {
+        self.0.borrow().subscription.is_some()
+    }
+
+    fn events(&self) -> u64 {
+        self.0.borrow().events
+    }
+
+    fn hold(&self, held: bool) {
+        let mut state = self.0.borrow_mut();
+        state.held = held;
+        if !held {
+            if let Some(body) = &state.body {
+                body.wake_by_ref();
+            }
+        }
+    }
+
+    /// Resolves when the subscription has ended (shutdown or token expiry).
+    fn ended(&self) -> impl Future<Output = EndReason> + '_ {
+        poll_fn(|cx| {
+            let mut state = self.0.borrow_mut();
+            match state.ended {
+                Some(reason) => Poll::Ready(reason),
+                None => {
+                    set_waker(&mut state.task, cx);
+                    Poll::Pending
+                }
+            }
+        })
+    }
+
+    /// The next delivery as a WebSocket frame: an event's shared one, or a rare reset or
+    /// compacted announcement encoded here (in order, so it comes before the events after it).
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        let mut state = self.0.borrow_mut();
+        set_waker(&mut state.body, cx);
+        if state.held || state.ended.is_some() {
+            return Poll::Pending;
+        }
+        let Some(subscription) = state.subscription.as_mut() else {
+            // Nothing is delivered before the client subscribes.
+            return Poll::Pending;
+        };
+        let reason = match ready!(subscription.poll_next_unpin(cx)) {
+            Some(Delivery::Event(event)) => {
+                state.events += 1;
+                return Poll::Ready(event.ws_frame(event_frame));
+            }
+            Some(Delivery::Reset { newest, reason }) => {
+                return Poll::Ready(text_frame(
+                    reset_ws_message(newest, reason.as_str()).as_bytes(),
+                ));
+            }
+            Some(Delivery::Compacted { since, tasks }) => {
+                return Poll::Ready(text_frame(compacted_ws_message(since, tasks).as_bytes()));
+            }
+            Some(Delivery::End(reason)) => reason,
+            None => EndReason::Shutdown,
+        };
+        // The task closes the socket through the session, with the close code for `reason`.
+        state.ended = Some(reason);
+        if let Some(task) = state.task.take() {
+            task.wake();
+        }
+        Poll::Pending
+    }
+}
+
+fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(waker) if waker.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+/// The response body: actix-ws's own (replies, pings, pongs, the close frame), and between them
+/// the subscription's events, each the frame every socket shares.
+struct WsBody {
+    replies: BoxBody,
+    feed: Feed,
+}
+
+impl MessageBody for WsBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        // Replies first: they are few, and a pong or a close must not wait behind a replay.
+        match Pin::new(&mut this.replies).poll_next(cx) {
+            Poll::Ready(Some(chunk)) => return Poll::Ready(Some(chunk)),
+            // actix-ws ends its body after the close frame: nothing may follow it.
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        this.feed.poll_frame(cx).map(|frame| Some(Ok(frame)))
+    }
+}
+
+/// An event's message in one frame, built once per event and shared by every socket.
+fn event_frame(event: &Event) -> Bytes {
+    text_frame(event_message(event).as_bytes())
+}
+
+/// One final, unmasked text frame (RFC 6455 5.2), as a server sends it: FIN and opcode 1, then
+/// the payload length in 7, 16 or 64 bits, then the payload.
+fn text_frame(payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut frame = Vec::with_capacity(len + 10);
+    frame.push(0x81);
+    if len < 126 {
+        frame.push(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        frame.push(126);
+        frame.extend_from_slice(&len.to_be_bytes());
+    } else {
+        frame.push(127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(payload);
+    Bytes::from(frame)
 }
 
 /// `{"type":"event","id":ID,"event":KIND,"data":DATA}`: `data` exactly as in the SSE stream.
@@ -540,15 +687,31 @@ fn heartbeat_ws_message(keep_alive: std::time::Duration) -> ByteString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventKind;
     use crate::task::TaskPatch;
+    use actix_codec::Decoder;
+    use actix_http::ws::{Codec, Frame};
+
+    /// What a client reads from `frame`: it must be exactly one text frame.
+    fn decode_text(frame: &Bytes) -> Bytes {
+        // A client's codec: it expects a server's frames unmasked.
+        let mut codec = Codec::new().client_mode().max_size(1 << 20);
+        let mut buffer = bytes::BytesMut::from(&frame[..]);
+        let decoded = codec.decode(&mut buffer).unwrap().expect("a whole frame");
+        assert!(buffer.is_empty(), "one frame, nothing after it");
+        match decoded {
+            Frame::Text(text) => text,
+            other => panic!("not a text frame: {other:?}"),
+        }
+    }
 
     #[test]
     fn the_websocket_message_wraps_the_same_data_and_is_built_once() {
         let (id, patch) = TaskPatch::parse(br#"{"task_id": 101}"#).unwrap();
         let task = patch.apply(id, None, "2026-11-22T10:00:00.123Z".into());
         let event = Event::updated(EventId { epoch: 5, seq: 7 }, &task);
-        let message = event.text_message(event_message);
-        let parsed: serde_json::Value = serde_json::from_str(&message).unwrap();
+        let frame = event.ws_frame(event_frame);
+        let parsed: serde_json::Value = serde_json::from_slice(&decode_text(&frame)).unwrap();
         assert_eq!(parsed["type"], "event");
         assert_eq!(parsed["id"], "5-7");
         assert_eq!(parsed["event"], "task_updated");
@@ -556,13 +719,45 @@ mod tests {
             parsed["data"],
             serde_json::from_slice::<serde_json::Value>(&event.data).unwrap()
         );
-        assert_eq!(
-            event
-                .text_message(|_| unreachable!("built once"))
-                .as_bytes()
-                .as_ptr(),
-            message.as_bytes().as_ptr(),
-            "shared, not rebuilt"
-        );
+    }
+
+    #[test]
+    fn an_events_frame_decodes_to_its_message_at_every_length_encoding_and_is_shared() {
+        // Payloads with a 7-bit, a 16-bit and a 64-bit length.
+        for padding in [10, 1_000, 70_000] {
+            let data = format!(
+                r#"{{"event":"task_deleted","task_id":"{}"}}"#,
+                "x".repeat(padding)
+            );
+            let event = Event::from_stored(
+                EventId { epoch: 1, seq: 2 },
+                crate::task::TaskId::Number(1),
+                EventKind::TaskDeleted,
+                data,
+            )
+            .unwrap();
+            let message = event_message(&event);
+            let frame = event.ws_frame(event_frame);
+            assert_eq!(decode_text(&frame), message.as_bytes(), "{padding}");
+            assert_eq!(
+                event.ws_frame(|_| unreachable!("built once")).as_ptr(),
+                frame.as_ptr(),
+                "shared, not rebuilt"
+            );
+        }
+    }
+
+    #[test]
+    fn text_frames_decode_on_each_side_of_the_length_boundaries() {
+        for len in [0, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let frame = text_frame("a".repeat(len).as_bytes());
+            let header = match len {
+                0..=125 => 2,
+                126..=65_535 => 4,
+                _ => 10,
+            };
+            assert_eq!(frame.len(), header + len, "{len}");
+            assert_eq!(decode_text(&frame), "a".repeat(len).as_bytes(), "{len}");
+        }
     }
 }
