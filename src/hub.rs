@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -114,7 +114,13 @@ const CATCH_UP_PAGE: usize = 512;
 type Fetch = Pin<Box<dyn Future<Output = Option<Backfill>> + Send>>;
 
 pub struct Hub {
-    inner: Mutex<Inner>,
+    /// Shared with the fan-out thread, which reads the ring's new events from it.
+    inner: Arc<Mutex<Inner>>,
+    /// Held while events are handed to the live channel, so they go out in id order whoever
+    /// sends them: the fan-out thread, or `restart_at` and `close`, which send what is left.
+    sending: Arc<Mutex<()>>,
+    /// Tells the fan-out thread the ring has new events; dropping the hub ends the thread.
+    fan_out: mpsc::SyncSender<()>,
     subscribers: AtomicUsize,
     max_subscribers: usize,
     capacity: usize,
@@ -140,6 +146,8 @@ struct Inner {
     anchored: bool,
     /// `None` once the hub is closed: every live stream then ends after its last complete frame.
     sender: Option<broadcast::Sender<Feed>>,
+    /// The newest event handed to `sender`: the ring's events after it are still to be sent.
+    sent: EventId,
 }
 
 /// What the live channel carries: events in feed order, and the points where the feed jumped.
@@ -154,6 +162,9 @@ enum Feed {
         floor: EventId,
         lost: bool,
     },
+    /// The fan-out fell so far behind that the ring no longer holds what it had not sent: every
+    /// subscription catches up as after a lag.
+    Skipped,
 }
 
 impl Inner {
@@ -162,6 +173,64 @@ impl Inner {
             return Err(ResetReason::Unknown);
         }
         self.ring.since(id)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks, but if something did the ring is still
+    // consistent (every mutation is a single push), so keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Events handed to the channel per hold of the hub's lock, so publishers never wait long.
+const FAN_OUT_BATCH: usize = 64;
+
+/// The thread that hands published events to the live channel, off the publishers' path. It
+/// ends when the hub is dropped.
+fn spawn_fan_out(inner: Arc<Mutex<Inner>>, sending: Arc<Mutex<()>>) -> mpsc::SyncSender<()> {
+    let (wake, woken) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("taskstream-fan-out".into())
+        .spawn(move || {
+            while woken.recv().is_ok() {
+                let _sending = lock(&sending);
+                send_pending(&inner);
+            }
+        })
+        .expect("start the fan-out thread");
+    wake
+}
+
+/// Sends the ring's events after `sent`, a batch per hold of the hub's lock and the batch
+/// outside it. The caller holds `sending`.
+fn send_pending(inner: &Mutex<Inner>) {
+    loop {
+        let (sender, batch) = {
+            let mut inner = lock(inner);
+            let Some(sender) = inner.sender.clone() else {
+                return;
+            };
+            let batch: Vec<Feed> = match inner.ring.since(inner.sent) {
+                Ok(events) => events
+                    .take(FAN_OUT_BATCH)
+                    .map(|event| Feed::Event(event.clone()))
+                    .collect(),
+                // Fell behind by more than the ring: subscriptions catch up from it themselves.
+                Err(_) => vec![Feed::Skipped],
+            };
+            match batch.last() {
+                None => return,
+                Some(Feed::Event(event)) => inner.sent = event.id,
+                Some(_) => inner.sent = inner.ring.head(),
+            }
+            (sender, batch)
+        };
+        for feed in batch {
+            // An error only means nobody is subscribed right now.
+            let _ = sender.send(feed);
+        }
     }
 }
 
@@ -190,13 +259,19 @@ impl Hub {
         history: Option<Arc<dyn History>>,
     ) -> Hub {
         let (sender, _) = broadcast::channel(Hub::channel_capacity(buffer));
+        let ring = Ring::new(buffer);
+        let inner = Arc::new(Mutex::new(Inner {
+            sent: ring.head(),
+            ring,
+            latest: None,
+            anchored: history.is_none(),
+            sender: Some(sender),
+        }));
+        let sending = Arc::new(Mutex::new(()));
         Hub {
-            inner: Mutex::new(Inner {
-                ring: Ring::new(buffer),
-                latest: None,
-                anchored: history.is_none(),
-                sender: Some(sender),
-            }),
+            fan_out: spawn_fan_out(inner.clone(), sending.clone()),
+            inner,
+            sending,
             subscribers: AtomicUsize::new(0),
             max_subscribers,
             capacity: buffer,
@@ -232,15 +307,13 @@ impl Hub {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing panics while holding this lock, but if something did the ring is still
-        // consistent (every mutation is a single push), so keep serving.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
-    /// Records and fans out an event. Never waits for a subscriber: a full channel overwrites its
-    /// oldest slot and the subscribers that had not read it recover through the ring.
+    /// Records an event and hands it to the fan-out thread. Never waits for a subscriber: the
+    /// channel's `send` wakes every parked receiver before it returns (10,000 wake-ups took a
+    /// publisher up to 36 ms), so the thread does it; a full channel overwrites its oldest slot
+    /// and the subscribers that had not read it recover through the ring.
     /// Callers publish in id order (the backend holds its own lock around id assignment and this).
     pub fn publish(&self, event: Arc<Event>) {
         let mut inner = self.lock();
@@ -248,10 +321,16 @@ impl Hub {
         if let Some(latest) = &mut inner.latest {
             latest.push(&event);
         }
-        if let Some(sender) = &inner.sender {
-            // An error only means nobody is subscribed right now.
-            let _ = sender.send(Feed::Event(event));
-        }
+        drop(inner);
+        // Full means a wake-up is already pending, and the thread reads the ring after it.
+        let _ = self.fan_out.try_send(());
+    }
+
+    /// Sends every event published so far before it returns: for `close`, and for tests that
+    /// read deliveries synchronously.
+    pub(crate) fn flush(&self) {
+        let _sending = lock(&self.sending);
+        send_pending(&self.inner);
     }
 
     /// For a hub fed from a shared log: the feed continues with the events after `floor` (its
@@ -262,8 +341,14 @@ impl Hub {
     /// `lost` (the log lost events this node had read), a position after `floor` names events
     /// that no longer exist, and gets a `reset`.
     pub fn restart_at(&self, floor: EventId, lost: bool) {
+        // Every event of the old ring goes out before the marker, and none is published between
+        // (the feed that restarts is the one that publishes); restarts are rare, so the marker is
+        // sent here, not by the thread.
+        let _sending = lock(&self.sending);
+        send_pending(&self.inner);
         let mut inner = self.lock();
         inner.ring = Ring::starting_after(self.capacity, floor);
+        inner.sent = inner.ring.head();
         inner.anchored = true;
         if let Some(sender) = &inner.sender {
             let _ = sender.send(Feed::Restart { floor, lost });
@@ -452,6 +537,8 @@ impl Hub {
         // Cancelled first: a subscription that sees its channel end can then tell a shutdown from
         // its token's expiry.
         self.closed.cancel();
+        // What was published before goes out first; the streams end after it.
+        self.flush();
         self.lock().sender = None;
     }
 
@@ -811,6 +898,7 @@ impl Stream for Subscription {
             match ready!(this.live.poll_next_unpin(cx)) {
                 None => return this.end(EndReason::Shutdown),
                 Some(Ok(Feed::Restart { floor, lost })) => this.on_restart(floor, lost),
+                Some(Ok(Feed::Skipped)) => this.catch_up(),
                 Some(Ok(Feed::Event(event))) => {
                     if event.id <= this.last_id {
                         continue;
@@ -839,15 +927,19 @@ mod tests {
         Arc::new(Hub::new(buffer, 100, Arc::new(Metrics::new())))
     }
 
+    /// Publishes and waits until the fan-out has sent it, as a test that awaits the next
+    /// delivery expects (with paused time, the runtime would otherwise skip ahead first).
     fn publish(hub: &Hub, seq: u64) {
         hub.publish(Arc::new(Event::deleted(
             EventId { epoch: 1, seq },
             TaskId::Number(seq % 3 + 1),
         )));
+        hub.flush();
     }
 
     /// Everything the subscription can deliver without waiting.
     fn drain(sub: &mut Subscription) -> Vec<Delivery> {
+        sub.hub.flush();
         std::iter::from_fn(|| sub.next().now_or_never().flatten()).collect()
     }
 
@@ -937,6 +1029,32 @@ mod tests {
             .unwrap();
         (4..=6).for_each(|s| publish(&hub, s)); // tasks 2, 3, 1
         assert_eq!(seqs(&drain(&mut sub)), vec![3, 6], "only task 1 is in both");
+    }
+
+    #[test]
+    fn a_fan_out_that_falls_behind_the_ring_resets_its_subscribers_instead_of_skipping() {
+        let hub = hub(4);
+        let mut sub = hub.subscribe(Resume::Live, TaskFilter::all()).unwrap();
+        publish(&hub, 1);
+        assert_eq!(seqs(&drain(&mut sub)), vec![1]);
+        {
+            // The fan-out thread cannot send while this is held: 9 events go by, and the ring
+            // (4 events) loses 2..=6 before any was sent.
+            let _stalled = lock(&hub.sending);
+            for seq in 2..=10 {
+                hub.publish(Arc::new(Event::deleted(
+                    EventId { epoch: 1, seq },
+                    TaskId::Number(1),
+                )));
+            }
+        }
+        let drained = drain(&mut sub);
+        assert!(
+            matches!(drained.as_slice(), [Delivery::Reset { newest, .. }] if newest.seq == 10),
+            "a reset naming the newest id, not 7..=10 with 2..=6 missing: {drained:?}"
+        );
+        publish(&hub, 11);
+        assert_eq!(seqs(&drain(&mut sub)), vec![11], "then live");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1496,6 +1614,7 @@ mod tests {
                     if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();
                         let (sub, seen, _) = &mut subs[index];
+                        sub.hub.flush();
                         for _ in 0..n {
                             match sub.next().now_or_never().flatten() {
                                 Some(d) => seen.push(d),
@@ -1623,6 +1742,7 @@ mod tests {
                     Op::Read(i, n) => if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();
                         let (sub, seen, _) = &mut subs[index];
+                        sub.hub.flush();
                         for _ in 0..n {
                             match sub.next().now_or_never().flatten() { Some(d) => seen.push(d), None => break }
                         }
@@ -1689,6 +1809,7 @@ mod tests {
                     Op::Read(i, n) => if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();
                         let (sub, seen, _) = &mut subs[index];
+                        sub.hub.flush();
                         for _ in 0..n {
                             match sub.next().now_or_never().flatten() { Some(d) => seen.push(d), None => break }
                         }
@@ -1797,6 +1918,7 @@ mod tests {
                     if !subs.is_empty() {
                         let index = usize::from(i) % subs.len();
                         let (sub, seen, _) = &mut subs[index];
+                        sub.hub.flush();
                         for _ in 0..n {
                             match sub.next().now_or_never().flatten() {
                                 Some(d) => seen.push(d),
