@@ -631,23 +631,18 @@ fn event_frame(event: &Event) -> Bytes {
     text_frame(event_message(event).as_bytes())
 }
 
-/// One final, unmasked text frame (RFC 6455 5.2), as a server sends it: FIN and opcode 1, then
-/// the payload length in 7, 16 or 64 bits, then the payload.
+/// One final, unmasked text frame, as a server sends it, encoded by actix-http's own encoder
+/// (the one actix-ws uses for its replies).
 fn text_frame(payload: &[u8]) -> Bytes {
-    let len = payload.len();
-    let mut frame = Vec::with_capacity(len + 10);
-    frame.push(0x81);
-    if len < 126 {
-        frame.push(len as u8);
-    } else if let Ok(len) = u16::try_from(len) {
-        frame.push(126);
-        frame.extend_from_slice(&len.to_be_bytes());
-    } else {
-        frame.push(127);
-        frame.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    frame.extend_from_slice(payload);
-    Bytes::from(frame)
+    let mut frame = bytes::BytesMut::with_capacity(payload.len() + 10);
+    actix_http::ws::Parser::write_message(
+        &mut frame,
+        payload,
+        actix_http::ws::OpCode::Text,
+        true,
+        false,
+    );
+    frame.freeze()
 }
 
 /// `{"type":"event","id":ID,"event":KIND,"data":DATA}`: `data` exactly as in the SSE stream.
