@@ -14,7 +14,7 @@ use actix_web::{guard, web, App, HttpRequest, HttpServer};
 use actix_web_lab::header::StrictTransportSecurity;
 use actix_web_lab::middleware::RedirectHttps;
 use futures_util::FutureExt;
-use log::info;
+use log::{info, warn};
 use std::future::Future;
 use std::net::TcpListener;
 use std::time::Duration;
@@ -114,6 +114,22 @@ fn redacted_request_line(req: &ServiceRequest) -> String {
     format!("{} {target} {:?}", req.method(), req.version())
 }
 
+/// Sets the calling thread's nice value; refused (below 0 without CAP_SYS_NICE), the thread runs
+/// on at the default, as nginx does with a worker_priority it cannot have.
+fn set_worker_nice(nice: i32) {
+    // SAFETY: plain syscalls on this thread's own id, no memory passed.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } == 0 {
+        info!("publish worker at nice {nice}");
+    } else {
+        warn!(
+            "cannot set the publish worker's nice to {nice}: {} (below 0 it needs CAP_SYS_NICE \
+             or LimitNICE); it runs at the default",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Serves until `shutdown` resolves, then ends every event stream after its last complete frame,
 /// stops accepting, and returns once connections are closed (at most `--shutdown-timeout` later).
 pub async fn run(
@@ -180,8 +196,16 @@ pub async fn run(
             .configure(routes)
             .default_service(web::to(not_found))
     };
-    let serve = |workers: Option<usize>, listener, tls: Option<rustls::ServerConfig>| {
-        let server = HttpServer::new(app.clone())
+    let serve =
+        |workers: Option<usize>, listener, tls: Option<rustls::ServerConfig>, nice: Option<i32>| {
+            let app = app.clone();
+            // actix builds the app on each worker's own thread, so this is where that thread is.
+            let server = HttpServer::new(move || {
+                if let Some(nice) = nice {
+                    set_worker_nice(nice);
+                }
+                app()
+            })
             // A subscriber that goes away only shows as EOF on the read side; without this actix
             // keeps the idle stream (and its subscription) until a write fails, up to a
             // keep-alive later. EventSource and curl never half-close, so nothing legitimate is
@@ -206,25 +230,30 @@ pub async fn run(
             // KiB), and a replay fills it to this threshold before flushing: with actix's 32 KiB,
             // every stream that ever replayed kept about 40 KiB after a reconnect storm.
             .h1_write_buffer_size(8 * 1024);
-        let server = match workers {
-            Some(workers) => server.workers(workers),
-            None => server,
+            let server = match workers {
+                Some(workers) => server.workers(workers),
+                None => server,
+            };
+            Ok::<_, std::io::Error>(
+                match tls {
+                    Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+                    None => server.listen(listener)?,
+                }
+                .run(),
+            )
         };
-        Ok::<_, std::io::Error>(
-            match tls {
-                Some(tls) => server.listen_rustls_0_23(listener, tls)?,
-                None => server.listen(listener)?,
-            }
-            .run(),
-        )
-    };
     // Its own worker: a publish there is read and answered by a thread that writes no stream,
     // so it does not wait its turn behind thousands of subscribers woken by the last event.
     let publish_server = match publish_listener {
-        Some(listener) => Some(serve(Some(1), listener, tls.clone())?),
+        Some(listener) => Some(serve(
+            Some(1),
+            listener,
+            tls.clone(),
+            config.publish_priority,
+        )?),
         None => None,
     };
-    let main_server = serve(config.workers.map(usize::from), listener, tls)?;
+    let main_server = serve(config.workers.map(usize::from), listener, tls, None)?;
     let handles: Vec<_> = std::iter::once(main_server.handle())
         .chain(publish_server.as_ref().map(|s| s.handle()))
         .collect();

@@ -81,6 +81,15 @@ pub struct Config {
     #[arg(long, env = "TASKSTREAM_PUBLISH_BIND")]
     pub publish_bind: Option<String>,
 
+    /// Nice value for the --publish-bind worker thread, as nginx's worker_priority: -10 lets a
+    /// publish take a core before the threads writing streams do, where the cores are busy.
+    /// Below 0 needs CAP_SYS_NICE (or LimitNICE); refused, the worker keeps the default, with a
+    /// warning.
+    #[arg(long, env = "TASKSTREAM_PUBLISH_PRIORITY", requires = "publish_bind",
+          allow_hyphen_values = true, value_name = "NICE",
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub publish_priority: Option<i32>,
+
     /// Events kept for replay with Last-Event-ID (the ring buffer's capacity).
     #[arg(long, env = "TASKSTREAM_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -332,3 +332,53 @@ async fn a_publish_on_the_publish_listener_reaches_the_streams_of_the_main_one()
         .await
         .is_err());
 }
+
+/// Each thread of a process by name, with its nice value (`/proc/PID/task/TID/stat`, the 19th
+/// field; the name in parentheses may hold spaces, so fields count from its closing one).
+fn thread_nice_values(pid: i32) -> Vec<(String, i32)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's threads in /proc")
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+            let (head, tail) = stat.rsplit_once(')').unwrap();
+            let name = head.split_once('(').unwrap().1.to_owned();
+            let nice = tail.split_whitespace().nth(16).unwrap().parse().unwrap();
+            (name, nice)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn publish_priority_sets_the_nice_value_of_the_publish_worker_alone() {
+    // Above 0, which needs no privilege, so the test means the same as root or not.
+    let server =
+        TestServer::start(&["--publish-bind", "127.0.0.1:0", "--publish-priority", "7"]).await;
+    server.wait_for_log("publish worker at nice 7").await;
+    let threads = thread_nice_values(server.pid());
+    let workers: Vec<i32> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("actix-rt|system"))
+        .map(|(_, nice)| *nice)
+        .collect();
+    assert_eq!(
+        workers.iter().filter(|nice| **nice == 7).count(),
+        1,
+        "one worker, the publish listener's, at nice 7: {threads:?}"
+    );
+    assert!(
+        workers.iter().filter(|nice| **nice == 0).count() >= 1,
+        "the stream workers keep the default: {threads:?}"
+    );
+    // Still served.
+    assert_eq!(
+        server.post(&json!({"task_id": 1, "status": "ok"})).await.0,
+        202
+    );
+}
+
+#[tokio::test]
+async fn publish_priority_without_a_publish_listener_is_refused() {
+    let (status, stderr) = TestServer::run_to_exit(&["--publish-priority", "-5"]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("--publish-bind"), "{stderr}");
+}
