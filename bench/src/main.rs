@@ -122,6 +122,13 @@ struct Args {
     #[arg(long)]
     publishers: Option<usize>,
 
+    /// Nice value for the publishers' thread (needs CAP_SYS_NICE below 0; kept as it is
+    /// when refused, which the report shows as publish.thread_nice null). On a machine
+    /// whose cores the server shares with this tool, a publish round trip otherwise
+    /// includes the time the tool's own publisher waits for a core behind its readers.
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    publisher_nice: i32,
+
     /// Number of distinct task ids to spread updates over (task_id = seq % tasks + 1).
     #[arg(long, default_value_t = 100)]
     tasks: u64,
@@ -558,6 +565,7 @@ async fn run(a: &Args, plan: Plan) -> Result<Report> {
         run: run_id,
         tasks: plan.tasks,
         publishers: plan.publishers,
+        thread_nice: a.publisher_nice,
     });
 
     tokio::time::sleep(Duration::from_millis(200)).await;

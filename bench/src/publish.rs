@@ -19,6 +19,8 @@ pub struct PubCfg {
     pub run: u64,
     pub tasks: u64,
     pub publishers: usize,
+    /// Asked for the publishers' thread (see `--publisher-nice`).
+    pub thread_nice: i32,
 }
 
 /// Result of publishing one batch of seqs.
@@ -36,6 +38,8 @@ pub struct PubResult {
     pub latency: Histogram<u64>,
     /// One sample of a successful response body.
     pub sample_body: Option<String>,
+    /// The publishers' thread's nice value, None where the one asked was refused.
+    pub thread_nice: Option<i32>,
 }
 
 impl PubResult {
@@ -52,6 +56,7 @@ impl PubResult {
             seconds: 0.0,
             latency: new_hist(),
             sample_body: None,
+            thread_nice: None,
         }
     }
 }
@@ -99,11 +104,21 @@ pub async fn publish(
     std::thread::Builder::new()
         .name("publishers".into())
         .spawn(move || {
+            let thread_nice = crate::sys::set_thread_nice(cfg.thread_nice);
+            if thread_nice.is_none() {
+                eprintln!(
+                    "publishers: nice {} refused (it needs CAP_SYS_NICE); publish round trips \
+                     include this tool's own wait for a core",
+                    cfg.thread_nice
+                );
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("publisher runtime");
-            let _ = tx.send(rt.block_on(publish_here(cfg, lo, count, rate, stop_at)));
+            let mut result = rt.block_on(publish_here(cfg, lo, count, rate, stop_at));
+            result.thread_nice = thread_nice;
+            let _ = tx.send(result);
         })
         .expect("spawn publisher thread");
     rx.await.expect("publisher thread panicked")

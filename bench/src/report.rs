@@ -84,6 +84,8 @@ pub struct PublishRep {
     pub events_per_sec: f64,
     pub latency_us: Lat,
     pub sample_response: Option<String>,
+    /// The publishers' thread's nice value; null where the one asked was refused.
+    pub thread_nice: Option<i32>,
 }
 
 impl PublishRep {
@@ -107,6 +109,7 @@ impl PublishRep {
             },
             latency_us: Lat::of(&p.latency),
             sample_response: p.sample_body.clone(),
+            thread_nice: p.thread_nice,
         }
     }
 }

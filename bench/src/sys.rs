@@ -31,6 +31,15 @@ pub fn own_cpu() -> (f64, f64) {
     (tv(ru.ru_utime), tv(ru.ru_stime))
 }
 
+/// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id applies to
+/// that thread alone); None where refused, as below 0 without CAP_SYS_NICE.
+pub fn set_thread_nice(nice: i32) -> Option<i32> {
+    // SAFETY: plain syscalls on this thread's own id, no memory passed.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    (rc == 0).then_some(nice)
+}
+
 /// Resident set size of `pid` in KiB (VmRSS).
 pub fn rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
