@@ -98,6 +98,7 @@ if (!gate.ok && gate.fatal) {
           const { page, problems } = await board(boardUrl(s.url, 'token=e2e-token'));
           page.on('request', (r) => requests.push({ url: r.url(), auth: r.headers().authorization }));
           await waitForState(page, 'open', 10_000, transport);
+          assert.ok(await page.locator('.log-empty').isVisible(), 'an empty log says why it is empty');
           const started = Date.now();
           await post(s.url, { task_id: 101, status: 'in_progress', assignee: 'ana', title: 'Ship it' });
           await page.waitForSelector('tr[data-task-id="101"][data-version="1"]', { timeout: 1000 });
@@ -109,6 +110,7 @@ if (!gate.ok && gate.fatal) {
           assert.match(row, /ana/);
           // the log pane shows the raw event
           await page.waitForSelector('#log li[data-type="task_updated"]');
+          assert.equal(await page.locator('.log-empty').isVisible(), false, 'the empty-log note goes with the first line');
           assert.match(await page.locator('#conn-badge').innerText(), transport === 'sse' ? /live\s*SSE/ : /live\s*WebSocket/);
           // The token: access_token on the stream, Bearer on fetch (a server without auth ignores both).
           const rec = await recorded(page);
