@@ -377,6 +377,42 @@ async fn publish_priority_sets_the_nice_value_of_the_publish_worker_alone() {
 }
 
 #[tokio::test]
+async fn a_publish_priority_the_kernel_refuses_is_a_warning_and_the_server_runs_at_the_default() {
+    // Below 0 needs CAP_SYS_NICE: as root, start the server without it; any other user has none.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let wrapper: &[&str] = if as_root {
+        assert!(
+            std::path::Path::new("/usr/bin/setpriv").exists(),
+            "this test drops root's CAP_SYS_NICE with setpriv: apt-get install util-linux"
+        );
+        &[
+            "/usr/bin/setpriv",
+            "--bounding-set=-sys_nice",
+            "--inh-caps=-sys_nice",
+        ]
+    } else {
+        &[]
+    };
+    let server = TestServer::start_via(
+        wrapper,
+        &["--publish-bind", "127.0.0.1:0", "--publish-priority", "-5"],
+    )
+    .await;
+    server
+        .wait_for_log("cannot set the publish worker's nice to -5")
+        .await;
+    let threads = thread_nice_values(server.pid());
+    assert!(
+        threads.iter().all(|(_, nice)| *nice == 0),
+        "every thread at the default (a user whose LimitNICE allows -5 cannot run this test): {threads:?}"
+    );
+    assert_eq!(
+        server.post(&json!({"task_id": 1, "status": "ok"})).await.0,
+        202
+    );
+}
+
+#[tokio::test]
 async fn publish_priority_without_a_publish_listener_is_refused() {
     let (status, stderr) = TestServer::run_to_exit(&["--publish-priority", "-5"]).await;
     assert!(!status.success());

@@ -160,9 +160,32 @@ impl TestServer {
         Self::spawn(args, &[], Some(&redis.url())).await
     }
 
+    /// A server on the memory backend started through `wrapper`, a program (and its arguments)
+    /// that runs the binary given as its last argument, such as `setpriv` dropping a capability.
+    pub async fn start_via(wrapper: &[&str], args: &[&str]) -> TestServer {
+        Self::spawn_via(wrapper, args, &[], None).await
+    }
+
     async fn spawn(args: &[&str], env: &[(&str, &str)], redis_url: Option<&str>) -> TestServer {
+        Self::spawn_via(&[], args, env, redis_url).await
+    }
+
+    async fn spawn_via(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        redis_url: Option<&str>,
+    ) -> TestServer {
         install_crypto_provider();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_taskstream"));
+        let binary = env!("CARGO_BIN_EXE_taskstream");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
         }
