@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-COLORS = {"taskstream": "#1f6feb", "nchan": "#d9480f"}
+COLORS = {"taskstream": "#1f6feb", "nchan": "#d9480f", "bare": "#2f9e44"}
+LABELS = {"bare": "bare tokio (limit)"}
 
 
 def load(directory):
@@ -104,11 +105,11 @@ def main():
     for server, points in sorted(runs["tput"].items()):
         dat, color = write_series(tmp, "tput", server, points, throughput_row)
         plots.append(
-            f'"{dat}" using 1:2 with linespoints lw 2 pt 7 lc rgb "{color}" title "{server}"'
+            f'"{dat}" using 1:2 with linespoints lw 2 pt 7 lc rgb "{color}" title "{LABELS.get(server, server)}"'
         )
     draw(out_dir / "throughput.png", plots,
          "Deliveries per second, events published as fast as the server accepts",
-         "deliveries/s", 'set format y "%.0s%c"\nset yrange [0:*]')
+         "deliveries/s", 'set format y "%.1s%c"\nset yrange [0:*]')
 
     plots = []
     for server, points in sorted(runs["lat"].items()):
@@ -116,7 +117,7 @@ def main():
         for col, pct, dash in ((2, "p50", 1), (3, "p90", 2), (4, "p99", 3)):
             plots.append(
                 f'"{dat}" using 1:{col} with linespoints lw 2 dt {dash} pt 7 '
-                f'lc rgb "{color}" title "{server} {pct}"'
+                f'lc rgb "{color}" title "{LABELS.get(server, server)} {pct}"'
             )
     draw(out_dir / "latency.png", plots,
          "End-to-end latency at 20 events/s (publish to read by the client)",
